@@ -1,0 +1,150 @@
+//! How a failed delivery is classified, and what a person should do about it.
+
+use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+
+/// What kind of failure kept a record from being delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The shard or the account was over its limits (ProvisionedThroughputExceeded, KMS
+    /// throttling, LimitExceeded): retrying later succeeds.
+    Throttled,
+    /// A passing fault: 5xx, InternalFailure, timeouts, connection errors, a shard map that
+    /// changed under the producer. Retrying later succeeds.
+    Transient,
+    /// Something a person must fix first: stream missing, access denied, KMS key disabled,
+    /// credentials refused. Retrying helps only after the fix.
+    NeedsAttention,
+    /// The request itself is invalid (validation errors): retrying the same records never helps.
+    Invalid,
+    /// The caller cancelled the delivery (shutdown, thread killed) before it finished.
+    Cancelled,
+}
+
+impl FailureKind {
+    pub fn is_retryable_now(self) -> bool {
+        matches!(self, FailureKind::Throttled | FailureKind::Transient)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureKind::Throttled => "throttled",
+            FailureKind::Transient => "transient",
+            FailureKind::NeedsAttention => "needs_attention",
+            FailureKind::Invalid => "invalid",
+            FailureKind::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One reason records were not delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    /// The service's error code, or a short name of our own (`Timeout`, `ConnectionError`...).
+    pub code: String,
+    /// What happened, and where it helps, what to do.
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: FailureKind, code: impl Into<String>, message: impl Into<String>) -> Self {
+        Failure { kind, code: code.into(), message: message.into() }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.code, self.kind.name(), self.message)
+    }
+}
+
+/// Advice appended to messages of errors a person has to act on.
+fn advice(code: &str) -> &'static str {
+    match code {
+        "ResourceNotFoundException" => " Check stream_name and region (and endpoint): the stream does not exist there, or is being deleted.",
+        "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException" | "IncompleteSignature" | "MissingAuthenticationToken" | "InvalidClientTokenId" | "SignatureDoesNotMatch" => {
+            " Check the credentials and the IAM policy: it needs kinesis:PutRecords, kinesis:ListShards and kinesis:DescribeStreamSummary on the stream (and kms:GenerateDataKey on its key when the stream is encrypted)."
+        }
+        c if c.starts_with("KMS") => " The stream's KMS key is disabled, missing or not usable by these credentials: fix the key or its policy.",
+        "ResourceInUseException" => " The stream is not ACTIVE yet (being created or updated).",
+        _ => "",
+    }
+}
+
+/// Classifies an error code returned for a whole request or for one PutRecords entry.
+pub fn classify_code(code: &str, http_status: Option<u16>, message: &str) -> Failure {
+    let kind = match code {
+        "ProvisionedThroughputExceededException" | "LimitExceededException" | "KMSThrottlingException" | "ThrottlingException" | "Throttling" | "RequestLimitExceeded" | "TooManyRequestsException" => FailureKind::Throttled,
+        "InternalFailure" | "InternalFailureException" | "InternalServerError" | "ServiceUnavailable" | "ServiceUnavailableException" | "RequestTimeout" | "RequestTimeoutException" | "ExpiredTokenException" | "ExpiredToken" | "RequestExpired" | "IDPCommunicationError" => FailureKind::Transient,
+        "ResourceNotFoundException" | "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException" | "IncompleteSignature" | "MissingAuthenticationToken" | "InvalidClientTokenId" | "SignatureDoesNotMatch" | "ResourceInUseException" | "KMSDisabledException" | "KMSInvalidStateException" | "KMSAccessDeniedException" | "KMSNotFoundException" | "KMSOptInRequired" => FailureKind::NeedsAttention,
+        "ValidationException" | "InvalidArgumentException" | "SerializationException" => FailureKind::Invalid,
+        _ => match http_status {
+            Some(429) => FailureKind::Throttled,
+            Some(s) if s >= 500 => FailureKind::Transient,
+            Some(s) if (400..500).contains(&s) => FailureKind::NeedsAttention,
+            _ => FailureKind::Transient,
+        },
+    };
+    let code = if code.is_empty() { http_status.map_or("UnknownError".to_string(), |s| format!("HTTP{s}")) } else { code.to_string() };
+    let message = format!("{}{}", message.trim(), advice(&code));
+    Failure::new(kind, code, message)
+}
+
+/// Classifies an error the SDK returned for a whole call.
+pub fn classify_sdk_error<E, R>(err: &SdkError<E, R>) -> Failure
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + HasStatus,
+{
+    match err {
+        SdkError::ServiceError(se) => {
+            let e = se.err();
+            let status = se.raw().status_code();
+            let message = e.message().map(str::to_string).unwrap_or_else(|| DisplayErrorContext(e).to_string());
+            classify_code(e.code().unwrap_or(""), Some(status), &message)
+        }
+        SdkError::TimeoutError(_) => Failure::new(FailureKind::Transient, "Timeout", format!("the request timed out: {}", DisplayErrorContext(err))),
+        SdkError::DispatchFailure(d) => {
+            let code = if d.is_timeout() {
+                "Timeout"
+            } else if d.is_io() {
+                "ConnectionError"
+            } else {
+                "DispatchFailure"
+            };
+            Failure::new(FailureKind::Transient, code, format!("the request could not be sent (check endpoint, network, proxy and credentials): {}", DisplayErrorContext(err)))
+        }
+        SdkError::ResponseError(_) => Failure::new(FailureKind::Transient, "ResponseError", format!("the response could not be read: {}", DisplayErrorContext(err))),
+        SdkError::ConstructionFailure(_) => Failure::new(FailureKind::NeedsAttention, "ConstructionFailure", format!("the request could not be built (check credentials and region): {}", DisplayErrorContext(err))),
+        _ => Failure::new(FailureKind::Transient, "UnknownError", DisplayErrorContext(err).to_string()),
+    }
+}
+
+/// The HTTP status of a raw response, whatever the response type.
+pub trait HasStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HasStatus for aws_smithy_runtime_api::http::Response {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_codes() {
+        assert_eq!(classify_code("ProvisionedThroughputExceededException", None, "x").kind, FailureKind::Throttled);
+        assert_eq!(classify_code("InternalFailure", None, "x").kind, FailureKind::Transient);
+        assert_eq!(classify_code("KMSDisabledException", None, "x").kind, FailureKind::NeedsAttention);
+        assert_eq!(classify_code("KMSThrottlingException", None, "x").kind, FailureKind::Throttled);
+        assert_eq!(classify_code("Weird", Some(503), "x").kind, FailureKind::Transient);
+        assert_eq!(classify_code("", Some(403), "x").code, "HTTP403");
+        let f = classify_code("ResourceNotFoundException", Some(400), "Stream s under account 1 not found.");
+        assert_eq!(f.kind, FailureKind::NeedsAttention);
+        assert!(f.message.contains("Check stream_name"), "{}", f.message);
+    }
+}

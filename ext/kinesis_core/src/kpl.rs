@@ -1,0 +1,393 @@
+//! The KPL aggregated record format: an exact-size encoder and a decoder that applies the
+//! KCL's rules.
+//!
+//! Wire form: `F3 89 9A C2` ‖ protobuf `AggregatedRecord` ‖ MD5(protobuf bytes).
+
+use std::collections::HashMap;
+
+use md5::{Digest, Md5};
+use prost::Message;
+
+use crate::hashkey::{parse_explicit_hash_key, partition_key_hash};
+use crate::proto::AggregatedRecord;
+
+/// The four bytes every aggregated record starts with.
+pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
+/// Length of the MD5 trailer.
+pub const DIGEST_LEN: usize = 16;
+/// Magic plus trailer: what an aggregate adds around its protobuf body.
+pub const FRAME_OVERHEAD: usize = MAGIC.len() + DIGEST_LEN;
+/// The Kinesis record limit (data plus partition key) of a stream that did not raise it.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// The largest record limit a stream can be raised to (UpdateMaxRecordSize).
+pub const MAX_RECORD_BYTES_LIMIT: usize = 10 * 1024 * 1024;
+/// The partition key the KPL gives an aggregate whose routing rides on its explicit hash key.
+pub const AGGREGATE_PARTITION_KEY: &str = "a";
+
+/// Bytes of `v` as a protobuf varint.
+#[inline]
+pub fn varint_len(v: u64) -> usize {
+    // 1 byte per started group of 7 bits; 0 takes one byte.
+    ((64 - (v | 1).leading_zeros() as usize) + 6) / 7
+}
+
+#[inline]
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Bytes of a length-delimited field (1-byte tag, length varint, payload).
+#[inline]
+fn len_field(payload: usize) -> usize {
+    1 + varint_len(payload as u64) + payload
+}
+
+/// A key table with de-duplication, keeping entries in first-seen order.
+#[derive(Default)]
+struct KeyTable {
+    entries: Vec<String>,
+    index: HashMap<String, u64>,
+    encoded_len: usize,
+}
+
+impl KeyTable {
+    /// The index `key` has or would get, and the bytes adding it would cost (0 if present).
+    #[inline]
+    fn lookup(&self, key: &str) -> (u64, usize) {
+        // The last key is the most likely repeat (one key per aggregate is common).
+        if let Some(last) = self.entries.last() {
+            if last == key {
+                return (self.entries.len() as u64 - 1, 0);
+            }
+        }
+        match self.index.get(key) {
+            Some(&i) => (i, 0),
+            None => (self.entries.len() as u64, len_field(key.len())),
+        }
+    }
+
+    fn insert(&mut self, key: &str, index: u64, cost: usize) {
+        if cost > 0 {
+            debug_assert_eq!(index, self.entries.len() as u64);
+            self.entries.push(key.to_string());
+            self.index.insert(key.to_string(), index);
+            self.encoded_len += cost;
+        }
+    }
+
+    fn encode(&self, field_tag: u8, out: &mut Vec<u8>) {
+        for key in &self.entries {
+            out.push(field_tag);
+            put_varint(out, key.len() as u64);
+            out.extend_from_slice(key.as_bytes());
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.index.clear();
+        self.encoded_len = 0;
+    }
+}
+
+/// Builds one aggregated record, knowing before each add whether the record still fits.
+///
+/// The size that counts is what Kinesis counts: the record's data (magic, protobuf, digest)
+/// plus the outer partition key's UTF-8 bytes.
+pub struct AggregateBuilder {
+    max_bytes: usize,
+    outer_key_bytes: usize,
+    partition_keys: KeyTable,
+    hash_keys: KeyTable,
+    hash_key_text: String,
+    records: Vec<u8>,
+    count: usize,
+}
+
+/// How many bytes a user record costs inside an aggregate, and the indexes it would use.
+struct Placement {
+    pk_index: u64,
+    pk_cost: usize,
+    ehk: Option<(u64, usize)>,
+    record_body: usize,
+}
+
+impl AggregateBuilder {
+    /// `max_bytes`: the record limit of the stream (data plus partition key).
+    /// `outer_key_bytes`: UTF-8 length of the partition key the aggregate will be sent with.
+    pub fn new(max_bytes: usize, outer_key_bytes: usize) -> Self {
+        AggregateBuilder {
+            max_bytes,
+            outer_key_bytes,
+            partition_keys: KeyTable::default(),
+            hash_keys: KeyTable::default(),
+            hash_key_text: String::new(),
+            records: Vec::new(),
+            count: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes of the finished record (frame + protobuf) plus the outer key, as it stands.
+    pub fn size(&self) -> usize {
+        FRAME_OVERHEAD + self.proto_len() + self.outer_key_bytes
+    }
+
+    fn proto_len(&self) -> usize {
+        self.partition_keys.encoded_len + self.hash_keys.encoded_len + self.records.len()
+    }
+
+    fn place(&mut self, partition_key: &str, explicit_hash_key: Option<u128>, data_len: usize) -> Placement {
+        let (pk_index, pk_cost) = self.partition_keys.lookup(partition_key);
+        let ehk = explicit_hash_key.map(|h| {
+            self.hash_key_text.clear();
+            use std::fmt::Write;
+            let _ = write!(self.hash_key_text, "{h}");
+            self.hash_keys.lookup(&self.hash_key_text)
+        });
+        let record_body = 1
+            + varint_len(pk_index)
+            + ehk.map_or(0, |(i, _)| 1 + varint_len(i))
+            + len_field(data_len);
+        Placement { pk_index, pk_cost, ehk, record_body }
+    }
+
+    /// The size of the aggregate if this record were added (see [`AggregateBuilder::size`]).
+    pub fn size_with(&mut self, partition_key: &str, explicit_hash_key: Option<u128>, data_len: usize) -> usize {
+        let p = self.place(partition_key, explicit_hash_key, data_len);
+        self.size() + p.pk_cost + p.ehk.map_or(0, |(_, c)| c) + len_field(p.record_body)
+    }
+
+    /// Adds the record if the aggregate stays within its limit; returns whether it did.
+    pub fn try_add(&mut self, partition_key: &str, explicit_hash_key: Option<u128>, data: &[u8]) -> bool {
+        let p = self.place(partition_key, explicit_hash_key, data.len());
+        let grown = self.size() + p.pk_cost + p.ehk.map_or(0, |(_, c)| c) + len_field(p.record_body);
+        if grown > self.max_bytes {
+            return false;
+        }
+        self.partition_keys.insert(partition_key, p.pk_index, p.pk_cost);
+        if let Some((index, cost)) = p.ehk {
+            let text = std::mem::take(&mut self.hash_key_text);
+            self.hash_keys.insert(&text, index, cost);
+            self.hash_key_text = text;
+        }
+        let out = &mut self.records;
+        out.reserve(len_field(p.record_body));
+        out.push(0x1a);
+        put_varint(out, p.record_body as u64);
+        out.push(0x08);
+        put_varint(out, p.pk_index);
+        if let Some((index, _)) = p.ehk {
+            out.push(0x10);
+            put_varint(out, index);
+        }
+        out.push(0x1a);
+        put_varint(out, data.len() as u64);
+        out.extend_from_slice(data);
+        self.count += 1;
+        debug_assert_eq!(self.size(), grown);
+        true
+    }
+
+    /// Empties the builder without encoding what it held.
+    pub fn clear(&mut self) {
+        self.partition_keys.clear();
+        self.hash_keys.clear();
+        self.records.clear();
+        self.count = 0;
+    }
+
+    /// Encodes the aggregate (magic, protobuf, MD5) and empties the builder for reuse.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let proto_len = self.proto_len();
+        let mut out = Vec::with_capacity(FRAME_OVERHEAD + proto_len);
+        out.extend_from_slice(&MAGIC);
+        self.partition_keys.encode(0x0a, &mut out);
+        self.hash_keys.encode(0x12, &mut out);
+        out.extend_from_slice(&self.records);
+        let digest = Md5::digest(&out[MAGIC.len()..]);
+        out.extend_from_slice(&digest);
+        debug_assert_eq!(out.len(), FRAME_OVERHEAD + proto_len);
+        self.clear();
+        out
+    }
+}
+
+/// Whether `data` would be read as an aggregate by a consumer: magic, then a protobuf body
+/// whose MD5 matches the trailer. A user record like that must never be sent raw.
+pub fn looks_aggregated(data: &[u8]) -> bool {
+    data.len() >= FRAME_OVERHEAD
+        && data[..MAGIC.len()] == MAGIC
+        && Md5::digest(&data[MAGIC.len()..data.len() - DIGEST_LEN])[..] == data[data.len() - DIGEST_LEN..]
+}
+
+/// One user record as a consumer sees it after deaggregation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub partition_key: String,
+    pub explicit_hash_key: Option<String>,
+    pub data: Vec<u8>,
+}
+
+/// What reading one Kinesis record gives, under the KCL's rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deaggregated {
+    /// Not an aggregate (no magic, bad digest or unreadable protobuf): the record as it is.
+    PassThrough,
+    /// The user records of a valid aggregate, in order.
+    Aggregate(Vec<UserRecord>),
+}
+
+/// Why an aggregate fails the KCL's shard-range check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("user record {index} has hash key {hash_key}, outside the shard's range {start}..={end}: the KCL drops the whole aggregate")]
+pub struct OutOfShardRange {
+    pub index: usize,
+    pub hash_key: u128,
+    pub start: u128,
+    pub end: u128,
+}
+
+/// Reads a Kinesis record's data as the KCL does (without the shard check).
+pub fn deaggregate(data: &[u8]) -> Deaggregated {
+    if data.len() < FRAME_OVERHEAD || data[..MAGIC.len()] != MAGIC {
+        return Deaggregated::PassThrough;
+    }
+    let body = &data[MAGIC.len()..data.len() - DIGEST_LEN];
+    if Md5::digest(body)[..] != data[data.len() - DIGEST_LEN..] {
+        return Deaggregated::PassThrough;
+    }
+    let Ok(agg) = AggregatedRecord::decode(body) else {
+        return Deaggregated::PassThrough;
+    };
+    let mut out = Vec::with_capacity(agg.records.len());
+    for r in agg.records {
+        let Some(pk) = agg.partition_key_table.get(r.partition_key_index as usize) else {
+            return Deaggregated::PassThrough;
+        };
+        let ehk = match r.explicit_hash_key_index {
+            Some(i) => match agg.explicit_hash_key_table.get(i as usize) {
+                Some(k) => Some(k.clone()),
+                None => return Deaggregated::PassThrough,
+            },
+            None => None,
+        };
+        out.push(UserRecord { partition_key: pk.clone(), explicit_hash_key: ehk, data: r.data });
+    }
+    Deaggregated::Aggregate(out)
+}
+
+/// The hash key a consumer computes for a user record: its explicit hash key, else md5(pk).
+pub fn effective_hash_key(record: &UserRecord) -> Result<u128, crate::hashkey::KeyError> {
+    match &record.explicit_hash_key {
+        Some(k) => parse_explicit_hash_key(k),
+        None => Ok(partition_key_hash(&record.partition_key)),
+    }
+}
+
+/// The KCL's shard-range check: every user record of an aggregate read from a shard covering
+/// `start..=end` must hash into that range, or the KCL drops all of them.
+pub fn check_shard_range(records: &[UserRecord], start: u128, end: u128) -> Result<(), OutOfShardRange> {
+    for (index, r) in records.iter().enumerate() {
+        // An unparsable explicit hash key is as fatal to the KCL as one out of range.
+        let parsed = effective_hash_key(r);
+        let hash_key = *parsed.as_ref().unwrap_or(&u128::MAX);
+        if parsed.is_err() || hash_key < start || hash_key > end {
+            return Err(OutOfShardRange { index, hash_key, start, end });
+        }
+    }
+    Ok(())
+}
+
+/// What a KCL consumer reading from a shard covering `start..=end` delivers for one record.
+pub fn kcl_user_records(data: &[u8], partition_key: &str, start: u128, end: u128) -> Vec<UserRecord> {
+    match deaggregate(data) {
+        Deaggregated::PassThrough => {
+            vec![UserRecord { partition_key: partition_key.to_string(), explicit_hash_key: None, data: data.to_vec() }]
+        }
+        Deaggregated::Aggregate(records) => match check_shard_range(&records, start, end) {
+            Ok(()) => records,
+            Err(_) => Vec::new(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Record;
+
+    #[test]
+    fn varint_lengths() {
+        for (v, n) in [(0u64, 1), (1, 1), (127, 1), (128, 2), (16383, 2), (16384, 3), (u64::MAX, 10)] {
+            assert_eq!(varint_len(v), n, "{v}");
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            assert_eq!(out.len(), n);
+        }
+    }
+
+    #[test]
+    fn encodes_like_prost_and_dedups_keys() {
+        let mut b = AggregateBuilder::new(DEFAULT_MAX_RECORD_BYTES, 1);
+        assert!(b.try_add("k1", None, b"one"));
+        assert!(b.try_add("k2", Some(42), b"two"));
+        assert!(b.try_add("k1", Some(42), b""));
+        let size = b.size();
+        let bytes = b.finish();
+        assert_eq!(bytes.len() + 1, size);
+        let expected = AggregatedRecord {
+            partition_key_table: vec!["k1".into(), "k2".into()],
+            explicit_hash_key_table: vec!["42".into()],
+            records: vec![
+                Record { partition_key_index: 0, explicit_hash_key_index: None, data: b"one".to_vec(), tags: vec![] },
+                Record { partition_key_index: 1, explicit_hash_key_index: Some(0), data: b"two".to_vec(), tags: vec![] },
+                Record { partition_key_index: 0, explicit_hash_key_index: Some(0), data: vec![], tags: vec![] },
+            ],
+        };
+        let body = expected.encode_to_vec();
+        assert_eq!(&bytes[4..bytes.len() - 16], &body[..]);
+        assert_eq!(&bytes[..4], &MAGIC);
+        assert_eq!(&bytes[bytes.len() - 16..], &Md5::digest(&body)[..]);
+        assert!(b.is_empty());
+        assert!(looks_aggregated(&bytes));
+    }
+
+    #[test]
+    fn refuses_what_does_not_fit() {
+        let mut b = AggregateBuilder::new(100, 1);
+        // 4 + 16 + 1 (outer key) = 21; record: pk table 3, record 2+2+(2+n)
+        let n = 100 - 21 - 3 - 2 - 2 - 2;
+        assert_eq!(b.size_with("k", None, n), 100);
+        assert!(!b.try_add("k", None, &vec![0; n + 1]));
+        assert!(b.try_add("k", None, &vec![0; n]));
+        assert_eq!(b.size(), 100);
+        assert!(!b.try_add("k", None, b""));
+    }
+
+    #[test]
+    fn kcl_rules() {
+        assert_eq!(deaggregate(b"plain"), Deaggregated::PassThrough);
+        let mut b = AggregateBuilder::new(DEFAULT_MAX_RECORD_BYTES, 1);
+        b.try_add("a", None, b"x");
+        let mut bytes = b.finish();
+        let h = partition_key_hash("a");
+        assert_eq!(kcl_user_records(&bytes, "a", h, h).len(), 1);
+        assert!(kcl_user_records(&bytes, "a", h + 1, u128::MAX).is_empty());
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert_eq!(deaggregate(&bytes), Deaggregated::PassThrough);
+        assert_eq!(kcl_user_records(&bytes, "a", h + 1, u128::MAX)[0].data, bytes);
+    }
+}

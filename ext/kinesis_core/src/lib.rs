@@ -1,0 +1,14 @@
+//! The pure-Rust core of fluent-plugin-kinesis-rs: KPL aggregation, shard prediction and
+//! delivery to Kinesis Data Streams. Nothing here knows about Ruby.
+
+pub mod batch;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod hashkey;
+pub mod kpl;
+pub mod producer;
+pub mod proto;
+pub mod rate_limit;
+pub mod runtime;
+pub mod shard_map;

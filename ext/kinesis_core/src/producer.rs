@@ -1,0 +1,545 @@
+//! Delivers a batch of user records to a stream: plan aggregates per predicted shard, pack
+//! PutRecords requests, send several at once within per-shard rate limits, retry failed entries
+//! with backoff, and recover from a stale shard map. Reports the fate of every user record.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardFilter, ShardFilterType};
+use futures::stream::{self, StreamExt};
+use rand::Rng;
+
+use crate::batch::{pack, plan, KinesisRecord, PlanLimits, RecordBatch};
+use crate::config::{KeyMode, ProducerConfig};
+use crate::error::{classify_code, classify_sdk_error, Failure, FailureKind};
+use crate::hashkey::partition_key_hash;
+use crate::rate_limit::ShardRateLimiter;
+use crate::shard_map::{Shard, ShardMap};
+
+/// What became of one user record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordStatus {
+    /// Not part of this delivery (not in the indexes given).
+    Skipped,
+    /// Still being delivered (only seen if the delivery was cut short).
+    Pending,
+    Delivered,
+    /// Not delivered: index into [`BatchOutcome::failures`].
+    Failed(u32),
+    /// Can never be sent as it is (too large, bad key): index into [`BatchOutcome::failures`].
+    Refused(u32),
+}
+
+/// Counters of one delivery; the plugin adds them up over its lifetime.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub user_records: u64,
+    pub delivered: u64,
+    pub failed: u64,
+    pub refused: u64,
+    /// Kinesis records sent (aggregates and raw singles), first attempts only.
+    pub kinesis_records: u64,
+    pub aggregates: u64,
+    pub requests: u64,
+    pub request_errors: u64,
+    /// Entries sent again after a failed attempt.
+    pub retried_entries: u64,
+    pub throttled_entries: u64,
+    /// Bytes (data plus partition keys) of successful entries.
+    pub bytes_delivered: u64,
+    /// PUT payload units (25 KB each, rounded up per record) of successful entries.
+    pub put_payload_units: u64,
+    /// Aggregates that landed on another shard than predicted.
+    pub wrong_shard: u64,
+    /// User records sent again because their aggregate landed where a KCL consumer drops it.
+    pub resent_user_records: u64,
+    pub shard_map_refreshes: u64,
+    /// Time spent waiting on the per-shard rate limiter, in milliseconds.
+    pub rate_limited_ms: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, o: &Counters) {
+        macro_rules! sum { ($($f:ident),*) => { $( self.$f += o.$f; )* } }
+        sum!(user_records, delivered, failed, refused, kinesis_records, aggregates, requests, request_errors, retried_entries, throttled_entries, bytes_delivered, put_payload_units, wrong_shard, resent_user_records, shard_map_refreshes, rate_limited_ms);
+    }
+
+    /// Name/value pairs, for monitoring output.
+    pub fn pairs(&self) -> [(&'static str, u64); 16] {
+        [
+            ("user_records", self.user_records),
+            ("delivered", self.delivered),
+            ("failed", self.failed),
+            ("refused", self.refused),
+            ("kinesis_records", self.kinesis_records),
+            ("aggregates", self.aggregates),
+            ("requests", self.requests),
+            ("request_errors", self.request_errors),
+            ("retried_entries", self.retried_entries),
+            ("throttled_entries", self.throttled_entries),
+            ("bytes_delivered", self.bytes_delivered),
+            ("put_payload_units", self.put_payload_units),
+            ("wrong_shard", self.wrong_shard),
+            ("resent_user_records", self.resent_user_records),
+            ("shard_map_refreshes", self.shard_map_refreshes),
+            ("rate_limited_ms", self.rate_limited_ms),
+        ]
+    }
+}
+
+/// The result of one delivery: a status per user record of the batch, the distinct failures
+/// they point to, and counters.
+#[derive(Debug, Clone, Default)]
+pub struct BatchOutcome {
+    pub status: Vec<RecordStatus>,
+    pub failures: Vec<Failure>,
+    pub counters: Counters,
+}
+
+impl BatchOutcome {
+    fn new(len: usize) -> Self {
+        BatchOutcome { status: vec![RecordStatus::Skipped; len], failures: Vec::new(), counters: Counters::default() }
+    }
+
+    fn failure_index(&mut self, f: &Failure) -> u32 {
+        if let Some(i) = self.failures.iter().position(|x| x == f) {
+            return i as u32;
+        }
+        self.failures.push(f.clone());
+        (self.failures.len() - 1) as u32
+    }
+
+    fn fail(&mut self, members: &[u32], f: &Failure) {
+        let i = self.failure_index(f);
+        for &m in members {
+            self.status[m as usize] = RecordStatus::Failed(i);
+        }
+    }
+
+    fn deliver(&mut self, members: &[u32]) {
+        for &m in members {
+            self.status[m as usize] = RecordStatus::Delivered;
+        }
+    }
+
+    /// Fills in the per-record counters from the statuses.
+    fn finish(mut self) -> Self {
+        let (mut d, mut f, mut r) = (0, 0, 0);
+        for s in &self.status {
+            match s {
+                RecordStatus::Delivered => d += 1,
+                RecordStatus::Failed(_) | RecordStatus::Pending => f += 1,
+                RecordStatus::Refused(_) => r += 1,
+                RecordStatus::Skipped => {}
+            }
+        }
+        self.counters.delivered = d;
+        self.counters.failed = f;
+        self.counters.refused = r;
+        self
+    }
+
+    pub fn all_delivered(&self) -> bool {
+        self.status.iter().all(|s| matches!(s, RecordStatus::Delivered | RecordStatus::Skipped))
+    }
+}
+
+/// A stream's shard map and when it may be listed again.
+struct StreamState {
+    map: Mutex<(Arc<ShardMap>, u64)>,
+    refresh: tokio::sync::Mutex<RefreshGate>,
+}
+
+struct RefreshGate {
+    next_allowed: Instant,
+    backoff: Duration,
+}
+
+const REFRESH_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const REFRESH_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Rounds of re-planning after aggregates landed on unexpected shards.
+const MAX_RESEND_ROUNDS: usize = 3;
+/// Shard id used when the shard map cannot be listed (shared-key modes only).
+const UNKNOWN_SHARD: &str = "(unlisted)";
+
+/// Sends user records to Kinesis. Cheap to share: one per plugin instance.
+pub struct Producer {
+    client: aws_sdk_kinesis::Client,
+    config: ProducerConfig,
+    streams: Mutex<HashMap<String, Arc<StreamState>>>,
+    limiter: Option<ShardRateLimiter>,
+}
+
+/// One PutRecords request in flight and what came of it.
+struct RequestResult {
+    /// Aggregates that landed on another shard than predicted, with the shard they landed on.
+    misrouted: Vec<(KinesisRecord, String)>,
+}
+
+impl Producer {
+    /// Builds the client. Must run on a tokio runtime (see [`crate::runtime::runtime`]).
+    pub async fn new(config: ProducerConfig) -> Result<Self, String> {
+        config.validate()?;
+        let client = crate::client::build_client(&config).await?;
+        Ok(Self::with_client(client, config))
+    }
+
+    pub fn with_client(client: aws_sdk_kinesis::Client, config: ProducerConfig) -> Self {
+        let limiter = ShardRateLimiter::new(config.rate_limit_percent);
+        Producer { client, config, streams: Mutex::new(HashMap::new()), limiter }
+    }
+
+    pub fn config(&self) -> &ProducerConfig {
+        &self.config
+    }
+
+    async fn list_open_shards(&self, stream: &str) -> Result<ShardMap, Failure> {
+        let mut shards = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut req = self.client.list_shards();
+            req = match &token {
+                // With a token, the stream name must not be sent again.
+                Some(t) => req.next_token(t),
+                None => req.stream_name(stream).shard_filter(ShardFilter::builder().r#type(ShardFilterType::AtLatest).build().map_err(|e| Failure::new(FailureKind::Invalid, "ShardFilter", e.to_string()))?),
+            };
+            let resp = req.send().await.map_err(|e| classify_sdk_error(&e))?;
+            for s in resp.shards() {
+                // Servers that ignore ShardFilter also return closed shards: keep the open ones.
+                if s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_some() {
+                    continue;
+                }
+                let range = s.hash_key_range();
+                let parse = |v: Option<&str>| v.and_then(|t| t.parse::<u128>().ok());
+                let (Some(start), Some(end)) = (parse(range.map(|r| r.starting_hash_key())), parse(range.map(|r| r.ending_hash_key()))) else {
+                    return Err(Failure::new(FailureKind::Transient, "BadShardListing", format!("shard {} has no readable hash key range", s.shard_id())));
+                };
+                shards.push(Shard { id: s.shard_id().to_string(), start, end });
+            }
+            match resp.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        ShardMap::new(shards).map_err(|e| Failure::new(FailureKind::Transient, "ShardMapIncomplete", format!("{e} (the stream is being resharded; retry)")))
+    }
+
+    /// Lists the stream's shards and caches the map; errors say what to fix.
+    pub async fn check_stream(&self, stream: &str) -> Result<Arc<ShardMap>, Failure> {
+        let map = Arc::new(self.list_open_shards(stream).await?);
+        let state = self.state(stream, Some(map.clone()));
+        let mut m = state.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.0 = map.clone();
+        m.1 += 1;
+        Ok(map)
+    }
+
+    fn state(&self, stream: &str, initial: Option<Arc<ShardMap>>) -> Arc<StreamState> {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        streams
+            .entry(stream.to_string())
+            .or_insert_with(|| {
+                Arc::new(StreamState {
+                    map: Mutex::new((initial.unwrap_or_else(|| Arc::new(ShardMap::default())), 0)),
+                    refresh: tokio::sync::Mutex::new(RefreshGate { next_allowed: Instant::now(), backoff: REFRESH_BACKOFF_MIN }),
+                })
+            })
+            .clone()
+    }
+
+    /// The cached map (listing it the first time) and its generation.
+    async fn shard_map(&self, stream: &str) -> Result<(Arc<ShardMap>, u64), Failure> {
+        let state = self.state(stream, None);
+        {
+            let m = state.map.lock().unwrap_or_else(|p| p.into_inner());
+            if !m.0.is_empty() {
+                return Ok((m.0.clone(), m.1));
+            }
+        }
+        self.refresh_map(stream, 0, None).await
+    }
+
+    /// Lists the shards again unless a listing newer than `seen_generation` exists, no sooner
+    /// than the refresh backoff allows (1 s growing ×1.5 to 30 s while listings find nothing new).
+    async fn refresh_map(&self, stream: &str, seen_generation: u64, deadline: Option<Instant>) -> Result<(Arc<ShardMap>, u64), Failure> {
+        let state = self.state(stream, None);
+        let mut gate = state.refresh.lock().await;
+        {
+            let m = state.map.lock().unwrap_or_else(|p| p.into_inner());
+            if m.1 > seen_generation && !m.0.is_empty() {
+                return Ok((m.0.clone(), m.1));
+            }
+        }
+        let now = Instant::now();
+        if gate.next_allowed > now {
+            let until = deadline.map_or(gate.next_allowed, |d| d.min(gate.next_allowed));
+            tokio::time::sleep_until(until.into()).await;
+        }
+        let listed = match self.list_open_shards(stream).await {
+            Ok(map) => map,
+            // Shared-key modes do not need the map to be correct; without ListShards permission
+            // they go on without per-shard rate limiting.
+            Err(f) if self.config.key_mode != KeyMode::PerRecord && f.kind == FailureKind::NeedsAttention && f.code != "ResourceNotFoundException" => ShardMap::whole(UNKNOWN_SHARD),
+            Err(f) => return Err(f),
+        };
+        let mut m = state.map.lock().unwrap_or_else(|p| p.into_inner());
+        let unchanged = m.0.shards() == listed.shards();
+        gate.backoff = if unchanged { (gate.backoff.mul_f64(1.5)).min(REFRESH_BACKOFF_MAX) } else { REFRESH_BACKOFF_MIN };
+        gate.next_allowed = Instant::now() + gate.backoff;
+        m.0 = Arc::new(listed);
+        m.1 += 1;
+        Ok((m.0.clone(), m.1))
+    }
+
+    /// Delivers the user records `indexes` of `batch` to `stream`. Stops early, reporting what
+    /// was not delivered as cancelled, when `cancel` completes.
+    pub async fn put(&self, stream: &str, batch: &RecordBatch, indexes: &[u32], cancel: impl Future<Output = ()>) -> BatchOutcome {
+        let outcome = Mutex::new(BatchOutcome::new(batch.len()));
+        {
+            let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
+            for &i in indexes {
+                o.status[i as usize] = RecordStatus::Pending;
+            }
+            o.counters.user_records = indexes.len() as u64;
+        }
+        tokio::select! {
+            _ = self.deliver(stream, batch, indexes, &outcome) => {}
+            _ = cancel => {}
+        }
+        let mut o = outcome.into_inner().unwrap_or_else(|p| p.into_inner());
+        if o.status.contains(&RecordStatus::Pending) {
+            let f = Failure::new(FailureKind::Cancelled, "Cancelled", "delivery was interrupted (shutdown or thread kill) before these records were confirmed; send them again");
+            let i = o.failure_index(&f);
+            for s in o.status.iter_mut().filter(|s| **s == RecordStatus::Pending) {
+                *s = RecordStatus::Failed(i);
+            }
+        }
+        o.finish()
+    }
+
+    async fn deliver(&self, stream: &str, batch: &RecordBatch, indexes: &[u32], outcome: &Mutex<BatchOutcome>) {
+        let deadline = Instant::now() + self.config.deadline;
+        let limits = PlanLimits { max_record_bytes: self.config.max_record_bytes, aggregation_max_bytes: self.config.aggregation_max_bytes };
+        let lock = || outcome.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending: Vec<u32> = indexes.to_vec();
+        let mut map = match self.shard_map(stream).await {
+            Ok(m) => m,
+            Err(f) => return lock().fail(&pending, &f),
+        };
+        for round in 0.. {
+            let (records, refused) = plan(batch, &pending, &self.config.key_mode, &map.0, &limits);
+            {
+                let mut o = lock();
+                for r in refused {
+                    let i = o.failure_index(&Failure::new(FailureKind::Invalid, "RecordRefused", r.reason));
+                    o.status[r.index as usize] = RecordStatus::Refused(i);
+                }
+                o.counters.kinesis_records += records.len() as u64;
+                o.counters.aggregates += records.iter().filter(|r| r.members.len() > 1).count() as u64;
+            }
+            let requests = pack(records, self.config.batch_max_entries, self.config.batch_max_bytes);
+            let results: Vec<RequestResult> = stream::iter(requests)
+                .map(|req| self.send_request(stream, req, &map.0, deadline, outcome))
+                .buffer_unordered(self.config.concurrency)
+                .collect()
+                .await;
+            let misrouted: Vec<(KinesisRecord, String)> = results.into_iter().flat_map(|r| r.misrouted).collect();
+            if misrouted.is_empty() {
+                return;
+            }
+            lock().counters.wrong_shard += misrouted.len() as u64;
+            let refreshed = self.refresh_map(stream, map.1, Some(deadline)).await;
+            if refreshed.is_ok() {
+                lock().counters.shard_map_refreshes += 1;
+            }
+            pending = Vec::new();
+            for (record, landed) in misrouted {
+                let shard = refreshed.as_ref().ok().and_then(|m| m.0.by_id(&landed).cloned());
+                if shard.is_some_and(|s| all_within(batch, &record.members, &s)) {
+                    lock().deliver(&record.members);
+                } else {
+                    pending.extend_from_slice(&record.members);
+                }
+            }
+            match refreshed {
+                Ok(m) => map = m,
+                Err(f) => return lock().fail(&pending, &f),
+            }
+            if pending.is_empty() {
+                return;
+            }
+            if round + 1 >= MAX_RESEND_ROUNDS || Instant::now() >= deadline {
+                let f = Failure::new(FailureKind::Transient, "ShardMapChanged", format!("aggregates kept landing on unexpected shards after {} re-plans (the stream is being resharded); retry later", round + 1));
+                return lock().fail(&pending, &f);
+            }
+            lock().counters.resent_user_records += pending.len() as u64;
+        }
+    }
+
+    async fn send_request(&self, stream: &str, records: Vec<KinesisRecord>, map: &ShardMap, deadline: Instant, outcome: &Mutex<BatchOutcome>) -> RequestResult {
+        let lock = || outcome.lock().unwrap_or_else(|p| p.into_inner());
+        let mut misrouted = Vec::new();
+        let mut todo: Vec<usize> = (0..records.len()).collect();
+        let mut attempt: u32 = 0;
+        let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
+        loop {
+            if let Some(limiter) = &self.limiter {
+                let usage = todo.iter().map(|&e| (shard_id(map, records[e].shard), 1usize, records[e].billed_size()));
+                let wait = limiter.reserve(usage);
+                if !wait.is_zero() {
+                    let until = (Instant::now() + wait).min(deadline);
+                    lock().counters.rate_limited_ms += wait.as_millis() as u64;
+                    tokio::time::sleep_until(until.into()).await;
+                }
+            }
+            let entries: Vec<PutRecordsRequestEntry> = todo
+                .iter()
+                .map(|&e| {
+                    let r = &records[e];
+                    PutRecordsRequestEntry::builder()
+                        .data(Blob::new(r.data.clone()))
+                        .partition_key(&r.partition_key)
+                        .set_explicit_hash_key(r.explicit_hash_key.map(|h| h.to_string()))
+                        .build()
+                        .expect("data and partition key are set")
+                })
+                .collect();
+            {
+                let mut o = lock();
+                o.counters.requests += 1;
+                if attempt > 0 {
+                    o.counters.retried_entries += todo.len() as u64;
+                }
+            }
+            let mut failed: Vec<(usize, Failure)> = Vec::new();
+            let mut any_success = false;
+            match self.client.put_records().stream_name(stream).set_records(Some(entries)).send().await {
+                Ok(resp) => {
+                    let results = resp.records();
+                    for (pos, &e) in todo.iter().enumerate() {
+                        let r = &records[e];
+                        let Some(res) = results.get(pos) else {
+                            failed.push((e, Failure::new(FailureKind::Transient, "MissingResult", "PutRecords answered fewer entries than were sent")));
+                            continue;
+                        };
+                        if let Some(code) = res.error_code() {
+                            let f = classify_code(code, None, res.error_message().unwrap_or(""));
+                            if f.kind == FailureKind::Throttled {
+                                lock().counters.throttled_entries += 1;
+                            }
+                            failed.push((e, f));
+                            continue;
+                        }
+                        any_success = true;
+                        let landed = res.shard_id().unwrap_or("");
+                        if !r.lands_safely_anywhere && landed != shard_id(map, r.shard) {
+                            misrouted.push((r.clone(), landed.to_string()));
+                        } else {
+                            let mut o = lock();
+                            o.deliver(&r.members);
+                            o.counters.bytes_delivered += r.billed_size() as u64;
+                            o.counters.put_payload_units += r.billed_size().div_ceil(25 * 1024) as u64;
+                        }
+                    }
+                }
+                Err(err) => {
+                    let f = classify_sdk_error(&err);
+                    let mut o = lock();
+                    o.counters.request_errors += 1;
+                    if f.kind == FailureKind::Throttled {
+                        o.counters.throttled_entries += todo.len() as u64;
+                    }
+                    failed = todo.iter().map(|&e| (e, f.clone())).collect();
+                }
+            }
+            if failed.is_empty() {
+                return RequestResult { misrouted };
+            }
+            // Records that retrying cannot help fail now; the rest wait and go again.
+            let (retry, hopeless): (Vec<_>, Vec<_>) = failed.into_iter().partition(|(_, f)| f.kind.is_retryable_now());
+            for (e, f) in hopeless {
+                lock().fail(&records[e].members, &f);
+            }
+            if retry.is_empty() {
+                return RequestResult { misrouted };
+            }
+            attempt += 1;
+            if any_success && self.config.reset_backoff_if_success {
+                backoff.reset();
+            }
+            let delay = backoff.next();
+            let give_up = if attempt > self.config.max_retries {
+                Some(format!("after {attempt} attempts"))
+            } else if Instant::now() + delay > deadline {
+                Some(format!("after {attempt} attempts, at the {:?} delivery deadline", self.config.deadline))
+            } else {
+                None
+            };
+            if let Some(why) = give_up {
+                for (e, f) in retry {
+                    let f = Failure::new(f.kind, f.code, format!("{} ({why})", f.message));
+                    lock().fail(&records[e].members, &f);
+                }
+                return RequestResult { misrouted };
+            }
+            tokio::time::sleep(delay).await;
+            todo = retry.into_iter().map(|(e, _)| e).collect();
+        }
+    }
+}
+
+fn shard_id(map: &ShardMap, index: usize) -> &str {
+    map.shards().get(index).map_or(UNKNOWN_SHARD, |s| s.id.as_str())
+}
+
+/// Whether every user record would pass the KCL's range check on `shard`.
+fn all_within(batch: &RecordBatch, members: &[u32], shard: &Shard) -> bool {
+    members.iter().all(|&m| {
+        let i = m as usize;
+        let hash = batch.explicit_hash_key(i).unwrap_or_else(|| partition_key_hash(batch.partition_key(i).unwrap_or("")));
+        hash >= shard.start && hash <= shard.end
+    })
+}
+
+/// Exponential backoff with equal jitter: half the step fixed, half random.
+struct Backoff {
+    base: Duration,
+    max: Duration,
+    step: u32,
+}
+
+impl Backoff {
+    fn new(base: Duration, max: Duration) -> Self {
+        Backoff { base, max, step: 0 }
+    }
+
+    fn reset(&mut self) {
+        self.step = 0;
+    }
+
+    fn next(&mut self) -> Duration {
+        let exp = self.base.saturating_mul(1u32 << self.step.min(20)).min(self.max);
+        self.step += 1;
+        let half = exp / 2;
+        half + half.mul_f64(rand::thread_rng().gen::<f64>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let d: Vec<Duration> = (0..6).map(|_| b.next()).collect();
+        assert!(d[0] >= Duration::from_millis(50) && d[0] <= Duration::from_millis(100));
+        assert!(d[2] >= Duration::from_millis(200) && d[2] <= Duration::from_millis(400));
+        assert!(d[5] >= Duration::from_millis(500) && d[5] <= Duration::from_secs(1));
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(100));
+    }
+}
