@@ -2,11 +2,13 @@
 //! delivery to Kinesis Data Streams. Nothing here knows about Ruby.
 
 pub mod batch;
+pub mod chunk;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod hashkey;
 pub mod kpl;
+pub mod msgpack;
 pub mod producer;
 pub mod proto;
 pub mod rate_limit;

@@ -1,0 +1,756 @@
+//! Turns a fluentd buffer chunk (concatenated MessagePack `[time, record]` events, fluentd's
+//! standard chunk format) into user records: inject, format (json, single_value, msgpack or a
+//! record field), chomp, compress, and pick partition and explicit hash keys from fields.
+//!
+//! Anything this fast path cannot render exactly as fluentd's Ruby formatter would (a value
+//! Ruby would print with `inspect`, a string that is not UTF-8, a time format directive it does
+//! not know...) is reported as [`FormatError::NeedsRuby`], and the plugin formats that chunk with
+//! fluentd's own formatter instead, so output is always what the user configured.
+
+use std::io::Write;
+
+use chrono::format::Item;
+use chrono::{DateTime, FixedOffset, Local, TimeZone, Utc};
+
+use crate::batch::RecordBatch;
+use crate::hashkey::{parse_explicit_hash_key, validate_partition_key};
+use crate::msgpack::{Head, MsgpackError, Reader};
+
+/// How a record becomes bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataFormat {
+    /// fluentd's `json` formatter.
+    Json { add_newline: bool },
+    /// fluentd's `single_value` formatter: `record[message_key].to_s`.
+    SingleValue { message_key: String, add_newline: bool },
+    /// fluentd's `msgpack` formatter.
+    Msgpack,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Zlib,
+    Gzip,
+}
+
+/// Where injected times are rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeZoneSpec {
+    Local,
+    Utc,
+    /// Seconds east of UTC.
+    Fixed(i32),
+}
+
+#[derive(Debug, Clone)]
+pub enum TimeType {
+    String { items: Vec<Item<'static>>, zone: TimeZoneSpec },
+    Unixtime,
+    Float,
+}
+
+/// fluentd's `<inject>` section, in the order fluentd applies it.
+#[derive(Debug, Clone, Default)]
+pub struct Inject {
+    pub hostname: Option<(String, String)>,
+    pub worker_id: Option<(String, i64)>,
+    pub tag_key: Option<String>,
+    pub time: Option<(String, TimeType)>,
+}
+
+impl Inject {
+    fn is_empty(&self) -> bool {
+        self.hostname.is_none() && self.worker_id.is_none() && self.tag_key.is_none() && self.time.is_none()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &str> {
+        self.hostname.iter().map(|h| h.0.as_str()).chain(self.worker_id.iter().map(|w| w.0.as_str())).chain(self.tag_key.iter().map(String::as_str)).chain(self.time.iter().map(|t| t.0.as_str()))
+    }
+}
+
+/// Everything the plugin's configuration says about turning events into user records.
+#[derive(Debug, Clone)]
+pub struct FormatSpec {
+    pub format: DataFormat,
+    /// fluent-plugin-kinesis' `data_key`: send `record[data_key].to_s` instead of formatting.
+    pub data_key: Option<String>,
+    pub chomp_record: bool,
+    pub compression: Compression,
+    pub inject: Inject,
+    pub partition_key_field: Option<String>,
+    pub explicit_hash_key_field: Option<String>,
+    /// Formatted (and compressed) data larger than this is refused.
+    pub max_data_bytes: usize,
+}
+
+/// Why a chunk cannot take the fast path, or cannot be read at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("buffer chunk is not valid fluentd MessagePack: {0}")]
+    Corrupt(#[from] MsgpackError),
+    #[error("{0}")]
+    NeedsRuby(String),
+}
+
+/// The user records of a chunk.
+#[derive(Debug, Default)]
+pub struct FormattedChunk {
+    pub batch: RecordBatch,
+    /// The chunk event each batch record came from.
+    pub events: Vec<u32>,
+    /// Events that can never be sent, and why (for fluentd's error stream).
+    pub refused: Vec<(u32, String)>,
+    /// Events in the chunk, skipped ones included.
+    pub event_count: u32,
+}
+
+/// Translates a Ruby `strftime` format into chrono items; `None` if it uses a directive whose
+/// output could differ from Ruby's.
+pub fn ruby_time_format(format: &str) -> Option<Vec<Item<'static>>> {
+    let mut out = String::new();
+    let mut chars = format.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let mut flag = String::new();
+        while let Some(&f) = chars.peek() {
+            if f == '-' || f == ':' || f.is_ascii_digit() {
+                flag.push(f);
+                chars.next();
+            } else {
+                break;
+            }
+        }
+        let d = chars.next()?;
+        let translated = match (flag.as_str(), d) {
+            ("", 'Y' | 'm' | 'd' | 'H' | 'M' | 'S' | 'j' | 'y' | 'b' | 'a' | 'B' | 'A' | 'p' | 'I' | 's' | 'T' | 'F' | 'D' | 'R' | 'e' | 'z' | '%') => format!("%{d}"),
+            ("-", 'm' | 'd' | 'H' | 'M' | 'S' | 'I' | 'e') => format!("%-{d}"),
+            (":", 'z') => "%:z".to_string(),
+            ("", 'L') | ("3", 'N') => "%3f".to_string(),
+            ("6", 'N') => "%6f".to_string(),
+            ("", 'N') | ("9", 'N') => "%9f".to_string(),
+            _ => return None,
+        };
+        out.push_str(&translated);
+    }
+    let items = chrono::format::StrftimeItems::new(&out).parse_to_owned().ok()?;
+    Some(items)
+}
+
+fn format_time(out: &mut Vec<u8>, sec: i64, nsec: u32, items: &[Item<'static>], zone: TimeZoneSpec) -> Result<(), FormatError> {
+    let utc = DateTime::<Utc>::from_timestamp(sec, nsec).ok_or_else(|| FormatError::NeedsRuby(format!("event time {sec} is out of range")))?;
+    let r = match zone {
+        TimeZoneSpec::Utc => write!(out, "{}", utc.format_with_items(items.iter())),
+        TimeZoneSpec::Local => write!(out, "{}", utc.with_timezone(&Local).format_with_items(items.iter())),
+        TimeZoneSpec::Fixed(secs) => {
+            let tz = FixedOffset::east_opt(secs).ok_or_else(|| FormatError::NeedsRuby("time zone offset out of range".into()))?;
+            write!(out, "{}", tz.from_utc_datetime(&utc.naive_utc()).format_with_items(items.iter()))
+        }
+    };
+    r.map_err(|_| FormatError::NeedsRuby("time could not be formatted".into()))
+}
+
+fn needs_ruby(what: impl Into<String>) -> FormatError {
+    FormatError::NeedsRuby(what.into())
+}
+
+fn utf8<'a>(bytes: &'a [u8], what: &str) -> Result<&'a str, FormatError> {
+    std::str::from_utf8(bytes).map_err(|_| needs_ruby(format!("{what} is not valid UTF-8")))
+}
+
+/// Appends `s` as a JSON string, escaping as fluentd's JSON encoders do.
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => &[],
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if esc.is_empty() {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[(b >> 4) as usize]);
+            out.push(HEX[(b & 0xf) as usize]);
+        } else {
+            out.extend_from_slice(esc);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+fn json_f64(out: &mut Vec<u8>, v: f64) -> Result<(), FormatError> {
+    if !v.is_finite() {
+        return Err(needs_ruby("a record holds NaN or Infinity"));
+    }
+    serde_json::to_writer(out, &v).map_err(|e| needs_ruby(e.to_string()))
+}
+
+/// Transcodes the value at the reader to JSON.
+fn json_value(r: &mut Reader, out: &mut Vec<u8>, depth: usize) -> Result<(), FormatError> {
+    if depth > 512 {
+        return Err(needs_ruby("record nests deeper than 512 levels"));
+    }
+    match r.head()? {
+        Head::Nil => out.extend_from_slice(b"null"),
+        Head::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+        Head::Int(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Head::UInt(u) => {
+            let _ = write!(out, "{u}");
+        }
+        Head::F32(f) => json_f64(out, f64::from(f))?,
+        Head::F64(f) => json_f64(out, f)?,
+        Head::Str(s) | Head::Bin(s) => json_string(out, utf8(s, "a string in the record")?),
+        Head::Array(n) => {
+            out.push(b'[');
+            for i in 0..n {
+                if i > 0 {
+                    out.push(b',');
+                }
+                json_value(r, out, depth + 1)?;
+            }
+            out.push(b']');
+        }
+        Head::Map(n) => {
+            out.push(b'{');
+            for i in 0..n {
+                if i > 0 {
+                    out.push(b',');
+                }
+                match r.head()? {
+                    Head::Str(k) | Head::Bin(k) => json_string(out, utf8(k, "a key in the record")?),
+                    _ => return Err(needs_ruby("a map key is not a string")),
+                }
+                out.push(b':');
+                json_value(r, out, depth + 1)?;
+            }
+            out.push(b'}');
+        }
+        Head::Ext(..) => return Err(needs_ruby("a record holds a MessagePack extension value")),
+    }
+    Ok(())
+}
+
+fn pack_str(out: &mut Vec<u8>, s: &[u8]) {
+    let n = s.len();
+    if n < 32 {
+        out.push(0xa0 | n as u8);
+    } else if n < 256 {
+        out.extend_from_slice(&[0xd9, n as u8]);
+    } else if n < 65536 {
+        out.push(0xda);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(0xdb);
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+    }
+    out.extend_from_slice(s);
+}
+
+fn pack_int(out: &mut Vec<u8>, v: i64) {
+    if v >= 0 {
+        pack_uint(out, v as u64);
+    } else if v >= -32 {
+        out.push(v as i8 as u8);
+    } else if v >= i64::from(i8::MIN) {
+        out.extend_from_slice(&[0xd0, v as i8 as u8]);
+    } else if v >= i64::from(i16::MIN) {
+        out.push(0xd1);
+        out.extend_from_slice(&(v as i16).to_be_bytes());
+    } else if v >= i64::from(i32::MIN) {
+        out.push(0xd2);
+        out.extend_from_slice(&(v as i32).to_be_bytes());
+    } else {
+        out.push(0xd3);
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+fn pack_uint(out: &mut Vec<u8>, v: u64) {
+    if v < 128 {
+        out.push(v as u8);
+    } else if v < 256 {
+        out.extend_from_slice(&[0xcc, v as u8]);
+    } else if v < 65536 {
+        out.push(0xcd);
+        out.extend_from_slice(&(v as u16).to_be_bytes());
+    } else if v < (1 << 32) {
+        out.push(0xce);
+        out.extend_from_slice(&(v as u32).to_be_bytes());
+    } else {
+        out.push(0xcf);
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+fn pack_container(out: &mut Vec<u8>, n: usize, fix: u8, b16: u8) {
+    if n < 16 {
+        out.push(fix | n as u8);
+    } else if n < 65536 {
+        out.push(b16);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        out.push(b16 + 1);
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+    }
+}
+
+/// Re-packs the value at the reader as Ruby's msgpack would after unpacking it (smallest
+/// encodings, floats as float64).
+fn msgpack_value(r: &mut Reader, out: &mut Vec<u8>, depth: usize) -> Result<(), FormatError> {
+    if depth > 512 {
+        return Err(needs_ruby("record nests deeper than 512 levels"));
+    }
+    match r.head()? {
+        Head::Nil => out.push(0xc0),
+        Head::Bool(b) => out.push(if b { 0xc3 } else { 0xc2 }),
+        Head::Int(i) => pack_int(out, i),
+        Head::UInt(u) => pack_uint(out, u),
+        Head::F32(f) => {
+            out.push(0xcb);
+            out.extend_from_slice(&f64::from(f).to_be_bytes());
+        }
+        Head::F64(f) => {
+            out.push(0xcb);
+            out.extend_from_slice(&f.to_be_bytes());
+        }
+        Head::Str(s) => pack_str(out, s),
+        Head::Bin(_) => return Err(needs_ruby("a record holds binary data")),
+        Head::Array(n) => {
+            pack_container(out, n, 0x90, 0xdc);
+            for _ in 0..n {
+                msgpack_value(r, out, depth + 1)?;
+            }
+        }
+        Head::Map(n) => {
+            pack_container(out, n, 0x80, 0xde);
+            for _ in 0..n * 2 {
+                msgpack_value(r, out, depth + 1)?;
+            }
+        }
+        Head::Ext(..) => return Err(needs_ruby("a record holds a MessagePack extension value")),
+    }
+    Ok(())
+}
+
+/// Ruby's `to_s` of a scalar, for data_key and single_value; `None` when the value is nil.
+fn to_s(head: Head, out: &mut Vec<u8>, what: &str) -> Result<Option<()>, FormatError> {
+    match head {
+        Head::Nil => return Ok(None),
+        Head::Str(s) | Head::Bin(s) => out.extend_from_slice(s),
+        Head::Int(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Head::UInt(u) => {
+            let _ = write!(out, "{u}");
+        }
+        Head::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
+        _ => return Err(needs_ruby(format!("{what} is not a string, integer or boolean"))),
+    }
+    Ok(Some(()))
+}
+
+/// One top-level record entry: key bytes and the value's byte range.
+struct Entry<'a> {
+    key: &'a [u8],
+    value: std::ops::Range<usize>,
+}
+
+fn chomp(out: &mut Vec<u8>, from: usize) {
+    if out.len() > from && out.last() == Some(&b'\n') {
+        out.pop();
+        if out.len() > from && out.last() == Some(&b'\r') {
+            out.pop();
+        }
+    } else if out.len() > from && out.last() == Some(&b'\r') {
+        out.pop();
+    }
+}
+
+/// Formats every event of `chunk` not skipped by `skip(event_index)`.
+pub fn format_chunk(spec: &FormatSpec, chunk: &[u8], tag: Option<&str>, skip: &dyn Fn(u32) -> bool) -> Result<FormattedChunk, FormatError> {
+    let mut out = FormattedChunk { batch: RecordBatch::with_capacity(chunk.len() / 64, chunk.len() + chunk.len() / 4), ..Default::default() };
+    if spec.inject.tag_key.is_some() && tag.is_none() {
+        return Err(needs_ruby("inject tag_key needs the chunk's tag"));
+    }
+    let mut r = Reader::new(chunk);
+    let mut entries: Vec<Entry> = Vec::with_capacity(16);
+    let mut scratch: Vec<u8> = Vec::new();
+    let mut event: u32 = 0;
+    while !r.at_end() {
+        let index = event;
+        event += 1;
+        let event_start = r.pos;
+        if r.head()? != Head::Array(2) {
+            return Err(FormatError::Corrupt(MsgpackError { offset: event_start, what: "event is not a [time, record] pair" }));
+        }
+        let (sec, nsec) = match r.head()? {
+            Head::Ext(0, b) if b.len() == 8 => (i64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]])), u32::from_be_bytes([b[4], b[5], b[6], b[7]])),
+            Head::UInt(s) => (s as i64, 0),
+            Head::Int(s) => (s, 0),
+            _ => return Err(needs_ruby("event time is neither EventTime nor an integer")),
+        };
+        let record_start = r.pos;
+        if skip(index) {
+            r.skip()?;
+            continue;
+        }
+        let n = match r.head()? {
+            Head::Map(n) => n,
+            _ => {
+                r.pos = record_start;
+                r.skip()?;
+                out.refused.push((index, "record is not a hash (map)".into()));
+                continue;
+            }
+        };
+        entries.clear();
+        for _ in 0..n {
+            let key = match r.head()? {
+                Head::Str(k) | Head::Bin(k) => k,
+                _ => return Err(needs_ruby("a record key is not a string")),
+            };
+            let start = r.pos;
+            r.skip()?;
+            entries.push(Entry { key, value: start..r.pos });
+        }
+        let field = |name: &str| entries.iter().rev().find(|e| e.key == name.as_bytes()).map(|e| Reader { buf: chunk, pos: e.value.start });
+
+        // Keys first: a record without a usable key is refused before any formatting work.
+        let partition_key = match &spec.partition_key_field {
+            None => None,
+            Some(name) => {
+                scratch.clear();
+                let ok = match field(name) {
+                    Some(mut v) => to_s(v.head()?, &mut scratch, "partition_key field").unwrap_or(None).is_some(),
+                    None => false,
+                };
+                let key = if ok { std::str::from_utf8(&scratch).ok().map(str::to_string) } else { None };
+                match key {
+                    Some(k) => match validate_partition_key(&k) {
+                        Ok(()) => Some(k),
+                        Err(e) => {
+                            out.refused.push((index, format!("partition_key field '{name}': {e}")));
+                            continue;
+                        }
+                    },
+                    None => {
+                        out.refused.push((index, format!("partition_key field '{name}' is missing, null, not a string or number, or not UTF-8")));
+                        continue;
+                    }
+                }
+            }
+        };
+        let explicit_hash_key = match &spec.explicit_hash_key_field {
+            None => None,
+            Some(name) => {
+                scratch.clear();
+                // A decimal string or a non-negative integer; anything else is refused.
+                let text = match field(name) {
+                    Some(mut v) => match v.head()? {
+                        h @ (Head::Str(_) | Head::UInt(_)) => to_s(h, &mut scratch, "explicit_hash_key field")?.and_then(|_| std::str::from_utf8(&scratch).ok()),
+                        _ => None,
+                    },
+                    None => None,
+                };
+                match text.map(parse_explicit_hash_key) {
+                    Some(Ok(h)) => Some(h),
+                    Some(Err(e)) => {
+                        out.refused.push((index, format!("explicit_hash_key field '{name}': {e}")));
+                        continue;
+                    }
+                    None => {
+                        out.refused.push((index, format!("explicit_hash_key field '{name}' is missing or not a decimal string/integer")));
+                        continue;
+                    }
+                }
+            }
+        };
+
+        let start = out.batch.mark();
+        let target: &mut Vec<u8> = if spec.compression == Compression::None {
+            out.batch.buffer()
+        } else {
+            scratch.clear();
+            &mut scratch
+        };
+        let data_from = target.len();
+        // Ok(false): data_key is missing or nil, which the anchor reports as a missing key.
+        let formatted: Result<bool, FormatError> = (|| {
+            if let Some(dk) = &spec.data_key {
+                match field(dk) {
+                    Some(mut v) => Ok(to_s(v.head()?, target, &format!("data_key field '{dk}'"))?.is_some()),
+                    None => Ok(false),
+                }
+            } else {
+                write_formatted(spec, chunk, &entries, tag, sec, nsec, target)?;
+                if spec.chomp_record {
+                    chomp(target, data_from);
+                }
+                Ok(true)
+            }
+        })();
+        if !formatted? {
+            out.batch.abandon(start);
+            out.refused.push((index, format!("Key '{}' doesn't exist", spec.data_key.as_deref().unwrap_or(""))));
+            continue;
+        }
+        if spec.compression != Compression::None {
+            let compressed = compress(spec.compression, &scratch);
+            out.batch.buffer().extend_from_slice(&compressed);
+        }
+        let size = out.batch.buffer().len() - start;
+        if size > spec.max_data_bytes {
+            out.batch.abandon(start);
+            out.refused.push((index, format!("formatted record is {size} bytes; max_record_size is {} bytes", spec.max_data_bytes)));
+            continue;
+        }
+        out.batch.commit(start, partition_key.as_deref(), explicit_hash_key);
+        out.events.push(index);
+    }
+    out.event_count = event;
+    Ok(out)
+}
+
+fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
+    use flate2::write::{GzEncoder, ZlibEncoder};
+    let level = flate2::Compression::default();
+    match c {
+        Compression::None => data.to_vec(),
+        Compression::Zlib => {
+            let mut e = ZlibEncoder::new(Vec::with_capacity(data.len() / 2 + 16), level);
+            e.write_all(data).expect("writing to a Vec cannot fail");
+            e.finish().expect("writing to a Vec cannot fail")
+        }
+        Compression::Gzip => {
+            let mut e = GzEncoder::new(Vec::with_capacity(data.len() / 2 + 32), level);
+            e.write_all(data).expect("writing to a Vec cannot fail");
+            e.finish().expect("writing to a Vec cannot fail")
+        }
+    }
+}
+
+/// Writes one record with inject applied, in the configured format.
+fn write_formatted(spec: &FormatSpec, chunk: &[u8], entries: &[Entry], tag: Option<&str>, sec: i64, nsec: u32, out: &mut Vec<u8>) -> Result<(), FormatError> {
+    let inject = &spec.inject;
+    // Injected values replace existing keys in place (Ruby Hash#[]= keeps the position) and
+    // are otherwise appended in fluentd's order.
+    let injected = |key: &[u8]| inject.keys().any(|k| k.as_bytes() == key);
+    let write_injected = |key: &str, out: &mut Vec<u8>, json: bool| -> Result<(), FormatError> {
+        if let Some((k, v)) = &inject.hostname {
+            if k == key {
+                if json { json_string(out, v) } else { pack_str(out, v.as_bytes()) }
+                return Ok(());
+            }
+        }
+        if let Some((k, v)) = &inject.worker_id {
+            if k == key {
+                if json { let _ = write!(out, "{v}"); } else { pack_int(out, *v) }
+                return Ok(());
+            }
+        }
+        if let Some(k) = &inject.tag_key {
+            if k == key {
+                let t = tag.unwrap_or("");
+                if json { json_string(out, t) } else { pack_str(out, t.as_bytes()) }
+                return Ok(());
+            }
+        }
+        if let Some((k, tt)) = &inject.time {
+            if k == key {
+                match tt {
+                    TimeType::Unixtime => {
+                        if json { let _ = write!(out, "{sec}"); } else { pack_int(out, sec) }
+                    }
+                    TimeType::Float => {
+                        let f = sec as f64 + f64::from(nsec) / 1_000_000_000.0;
+                        if json {
+                            json_f64(out, f)?;
+                        } else {
+                            out.push(0xcb);
+                            out.extend_from_slice(&f.to_be_bytes());
+                        }
+                    }
+                    TimeType::String { items, zone } => {
+                        let mut s = Vec::with_capacity(40);
+                        format_time(&mut s, sec, nsec, items, *zone)?;
+                        if json { json_string(out, utf8(&s, "formatted time")?) } else { pack_str(out, &s) }
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    // Duplicate keys cannot come from a Ruby Hash; the last one wins there.
+    let mut keys_present: Vec<&str> = Vec::new();
+    if !inject.is_empty() {
+        for k in inject.keys() {
+            if entries.iter().any(|e| e.key == k.as_bytes()) {
+                keys_present.push(k);
+            }
+        }
+    }
+    let appended: Vec<&str> = inject.keys().filter(|k| !keys_present.contains(k)).collect();
+    match &spec.format {
+        DataFormat::Json { add_newline } => {
+            out.push(b'{');
+            let mut first = true;
+            for e in entries {
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                json_string(out, utf8(e.key, "a key in the record")?);
+                out.push(b':');
+                if injected(e.key) {
+                    write_injected(std::str::from_utf8(e.key).unwrap_or(""), out, true)?;
+                } else {
+                    json_value(&mut Reader { buf: chunk, pos: e.value.start }, out, 0)?;
+                }
+            }
+            for k in appended {
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                json_string(out, k);
+                out.push(b':');
+                write_injected(k, out, true)?;
+            }
+            out.push(b'}');
+            if *add_newline {
+                out.push(b'\n');
+            }
+        }
+        DataFormat::Msgpack => {
+            pack_container(out, entries.len() + appended.len(), 0x80, 0xde);
+            for e in entries {
+                pack_str(out, e.key);
+                if injected(e.key) {
+                    write_injected(std::str::from_utf8(e.key).unwrap_or(""), out, false)?;
+                } else {
+                    msgpack_value(&mut Reader { buf: chunk, pos: e.value.start }, out, 0)?;
+                }
+            }
+            for k in appended {
+                pack_str(out, k.as_bytes());
+                write_injected(k, out, false)?;
+            }
+        }
+        DataFormat::SingleValue { message_key, add_newline } => {
+            if inject.keys().any(|k| k == message_key) {
+                let mut tmp = Vec::new();
+                write_injected(message_key, &mut tmp, false)?;
+                let mut r = Reader::new(&tmp);
+                let head = r.head()?;
+                // Injected strings and integers print as themselves; floats need Ruby.
+                to_s(head, out, "injected message_key value")?;
+            } else if let Some(e) = entries.iter().rev().find(|e| e.key == message_key.as_bytes()) {
+                let mut r = Reader { buf: chunk, pos: e.value.start };
+                to_s(r.head()?, out, &format!("single_value message_key '{message_key}'"))?;
+            }
+            if *add_newline {
+                out.push(b'\n');
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(out: &mut Vec<u8>, sec: u32, nsec: u32, record: &[(&str, &str)]) {
+        out.extend_from_slice(&[0x92, 0xd7, 0x00]);
+        out.extend_from_slice(&sec.to_be_bytes());
+        out.extend_from_slice(&nsec.to_be_bytes());
+        pack_container(out, record.len(), 0x80, 0xde);
+        for (k, v) in record {
+            pack_str(out, k.as_bytes());
+            pack_str(out, v.as_bytes());
+        }
+    }
+
+    fn spec(format: DataFormat) -> FormatSpec {
+        FormatSpec { format, data_key: None, chomp_record: false, compression: Compression::None, inject: Inject::default(), partition_key_field: None, explicit_hash_key_field: None, max_data_bytes: 1024 * 1024 }
+    }
+
+    #[test]
+    fn json_with_inject_and_keys() {
+        let mut chunk = Vec::new();
+        event(&mut chunk, 1_700_000_000, 123_456_789, &[("message", "GET / \"x\"\n"), ("host", "h1")]);
+        event(&mut chunk, 1_700_000_001, 0, &[("message", "no host")]);
+        let mut s = spec(DataFormat::Json { add_newline: true });
+        s.partition_key_field = Some("host".into());
+        s.inject.tag_key = Some("tag".into());
+        s.inject.time = Some(("time".into(), TimeType::String { items: ruby_time_format("%Y-%m-%dT%H:%M:%S.%N%z").unwrap(), zone: TimeZoneSpec::Fixed(9 * 3600) }));
+        let f = format_chunk(&s, &chunk, Some("apache.access"), &|_| false).unwrap();
+        assert_eq!(f.event_count, 2);
+        assert_eq!(f.batch.len(), 1);
+        assert_eq!(std::str::from_utf8(f.batch.data(0)).unwrap(), "{\"message\":\"GET / \\\"x\\\"\\n\",\"host\":\"h1\",\"tag\":\"apache.access\",\"time\":\"2023-11-15T07:13:20.123456789+0900\"}\n");
+        assert_eq!(f.batch.partition_key(0), Some("h1"));
+        assert_eq!(f.refused.len(), 1);
+        assert_eq!(f.refused[0].0, 1);
+    }
+
+    #[test]
+    fn data_key_chomp_compression_and_skip() {
+        let mut chunk = Vec::new();
+        event(&mut chunk, 1, 0, &[("log", "line one\n")]);
+        event(&mut chunk, 2, 0, &[("other", "x")]);
+        event(&mut chunk, 3, 0, &[("log", "line three")]);
+        let mut s = spec(DataFormat::Json { add_newline: true });
+        s.data_key = Some("log".into());
+        let f = format_chunk(&s, &chunk, None, &|i| i == 2).unwrap();
+        assert_eq!(f.batch.data(0), b"line one\n");
+        assert_eq!(f.events, vec![0]);
+        assert_eq!(f.refused, vec![(1, "Key 'log' doesn't exist".to_string())]);
+        let mut s = spec(DataFormat::SingleValue { message_key: "log".into(), add_newline: true });
+        s.chomp_record = true;
+        s.compression = Compression::Zlib;
+        let f = format_chunk(&s, &chunk, None, &|_| false).unwrap();
+        let mut d = flate2::read::ZlibDecoder::new(f.batch.data(0));
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut d, &mut text).unwrap();
+        assert_eq!(text, "line one\n");
+    }
+
+    #[test]
+    fn unusual_values_take_the_ruby_path() {
+        let mut chunk = Vec::new();
+        chunk.extend_from_slice(&[0x92, 0x01, 0x81, 0xa1, b'f', 0xcb]);
+        chunk.extend_from_slice(&f64::NAN.to_be_bytes());
+        let s = spec(DataFormat::Json { add_newline: true });
+        assert!(matches!(format_chunk(&s, &chunk, None, &|_| false), Err(FormatError::NeedsRuby(_))));
+        assert!(matches!(format_chunk(&s, &[0x92, 0x01], None, &|_| false), Err(FormatError::Corrupt(_))));
+        assert!(ruby_time_format("%Y %Z").is_none());
+        assert!(ruby_time_format("%Y-%m-%d %H:%M:%S.%3N %:z").is_some());
+    }
+
+    #[test]
+    fn msgpack_repacks_like_ruby() {
+        let mut chunk = Vec::new();
+        event(&mut chunk, 1, 0, &[("a", "b")]);
+        let mut s = spec(DataFormat::Msgpack);
+        s.inject.worker_id = Some(("w".into(), 3));
+        let f = format_chunk(&s, &chunk, None, &|_| false).unwrap();
+        assert_eq!(f.batch.data(0), &[0x82, 0xa1, b'a', 0xa1, b'b', 0xa1, b'w', 0x03]);
+    }
+}
