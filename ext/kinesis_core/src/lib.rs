@@ -2,9 +2,11 @@
 //! delivery to Kinesis Data Streams. Nothing here knows about Ruby.
 
 pub mod batch;
+pub mod cancel;
 pub mod chunk;
 pub mod client;
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod hashkey;
 pub mod kpl;
