@@ -181,7 +181,7 @@ impl Planner<'_> {
         if size > self.limits.max_record_bytes {
             self.refused.push(Refused { index: i, reason: format!("record is {size} bytes with its partition key; the Kinesis record limit is {} bytes", self.limits.max_record_bytes) });
         } else if looks_aggregated(data) {
-            self.refused.push(Refused { index: i, reason: "record is itself a KPL aggregate too large to wrap in another one; consumers would unpack it if it were sent as it is".into() });
+            self.refused.push(Refused { index: i, reason: "record starts with the KPL aggregate magic bytes and is too large to wrap in an aggregate; consumers would misread it if it were sent as it is".into() });
         } else {
             self.out.push(KinesisRecord { data: data.to_vec(), partition_key: key.to_string(), explicit_hash_key: ehk, shard, members: vec![i], lands_safely_anywhere: true });
         }

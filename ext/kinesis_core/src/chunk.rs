@@ -47,6 +47,10 @@ pub enum TimeZoneSpec {
 pub enum TimeType {
     String { items: Vec<Item<'static>>, zone: TimeZoneSpec },
     Unixtime,
+    UnixtimeMillis,
+    UnixtimeMicros,
+    UnixtimeNanos,
+    /// Seconds as a float, truncated to microseconds (fluentd: `time.to_r.truncate(6).to_f`).
     Float,
 }
 
@@ -575,11 +579,19 @@ fn write_formatted(spec: &FormatSpec, chunk: &[u8], entries: &[Entry], tag: Opti
         if let Some((k, tt)) = &inject.time {
             if k == key {
                 match tt {
-                    TimeType::Unixtime => {
-                        if json { let _ = write!(out, "{sec}"); } else { pack_int(out, sec) }
+                    TimeType::Unixtime | TimeType::UnixtimeMillis | TimeType::UnixtimeMicros | TimeType::UnixtimeNanos => {
+                        let v = match tt {
+                            TimeType::UnixtimeMillis => sec * 1_000 + i64::from(nsec / 1_000_000),
+                            TimeType::UnixtimeMicros => sec * 1_000_000 + i64::from(nsec / 1_000),
+                            TimeType::UnixtimeNanos => sec * 1_000_000_000 + i64::from(nsec),
+                            _ => sec,
+                        };
+                        if json { let _ = write!(out, "{v}"); } else { pack_int(out, v) }
                     }
                     TimeType::Float => {
-                        let f = sec as f64 + f64::from(nsec) / 1_000_000_000.0;
+                        // Exact integer microseconds, then one correctly rounded division: the
+                        // same double Ruby gets from the truncated Rational.
+                        let f = (sec * 1_000_000 + i64::from(nsec / 1_000)) as f64 / 1_000_000.0;
                         if json {
                             json_f64(out, f)?;
                         } else {

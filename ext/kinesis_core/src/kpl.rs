@@ -3,7 +3,9 @@
 //!
 //! Wire form: `F3 89 9A C2` ‖ protobuf `AggregatedRecord` ‖ MD5(protobuf bytes).
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 
 use md5::{Digest, Md5};
 use prost::Message;
@@ -28,7 +30,7 @@ pub const AGGREGATE_PARTITION_KEY: &str = "a";
 #[inline]
 pub fn varint_len(v: u64) -> usize {
     // 1 byte per started group of 7 bits; 0 takes one byte.
-    ((64 - (v | 1).leading_zeros() as usize) + 6) / 7
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 #[inline]
@@ -46,51 +48,98 @@ fn len_field(payload: usize) -> usize {
     1 + varint_len(payload as u64) + payload
 }
 
+/// Hashes a `u64` that already is a hash: the key table's index keys.
+#[derive(Default)]
+struct PrehashedKey(u64);
+
+impl Hasher for PrehashedKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys")
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// No entry (end of a collision chain).
+const NONE: u32 = u32::MAX;
+
 /// A key table with de-duplication, keeping entries in first-seen order.
+///
+/// The table is kept as its protobuf encoding (tag, length, key bytes per entry), so adding a
+/// key allocates nothing per key and `finish` copies it in one piece. The index maps a keyed
+/// SipHash of the key to its entry (computed once per lookup); entries whose hashes collide
+/// chain through `next`.
 #[derive(Default)]
 struct KeyTable {
-    entries: Vec<String>,
-    index: HashMap<String, u64>,
-    encoded_len: usize,
+    encoded: Vec<u8>,
+    /// Where each entry's key bytes sit in `encoded`.
+    spans: Vec<(usize, usize)>,
+    next: Vec<u32>,
+    index: HashMap<u64, u32, BuildHasherDefault<PrehashedKey>>,
+    hasher: RandomState,
+}
+
+/// Where a key is or would go in a table.
+#[derive(Clone, Copy)]
+struct Slot {
+    index: u64,
+    /// Bytes adding the key would cost (0 if it is present).
+    cost: usize,
+    hash: u64,
 }
 
 impl KeyTable {
+    fn key(&self, entry: usize) -> &[u8] {
+        let (start, len) = self.spans[entry];
+        &self.encoded[start..start + len]
+    }
+
     /// The index `key` has or would get, and the bytes adding it would cost (0 if present).
     #[inline]
-    fn lookup(&self, key: &str) -> (u64, usize) {
+    fn lookup(&self, key: &str) -> Slot {
         // The last key is the most likely repeat (one key per aggregate is common).
-        if let Some(last) = self.entries.last() {
-            if last == key {
-                return (self.entries.len() as u64 - 1, 0);
+        if let Some(last) = self.spans.len().checked_sub(1) {
+            if self.key(last) == key.as_bytes() {
+                // `hash` is only read to insert, and a present key is never inserted.
+                return Slot { index: last as u64, cost: 0, hash: 0 };
             }
         }
-        match self.index.get(key) {
-            Some(&i) => (i, 0),
-            None => (self.entries.len() as u64, len_field(key.len())),
+        let hash = self.hasher.hash_one(key);
+        let mut entry = self.index.get(&hash).copied().unwrap_or(NONE);
+        while entry != NONE {
+            if self.key(entry as usize) == key.as_bytes() {
+                return Slot { index: u64::from(entry), cost: 0, hash };
+            }
+            entry = self.next[entry as usize];
+        }
+        Slot { index: self.spans.len() as u64, cost: len_field(key.len()), hash }
+    }
+
+    fn insert(&mut self, field_tag: u8, key: &str, slot: Slot) {
+        if slot.cost > 0 {
+            debug_assert_eq!(slot.index, self.spans.len() as u64);
+            self.encoded.push(field_tag);
+            put_varint(&mut self.encoded, key.len() as u64);
+            self.spans.push((self.encoded.len(), key.len()));
+            self.encoded.extend_from_slice(key.as_bytes());
+            let entry = slot.index as u32;
+            self.next.push(self.index.insert(slot.hash, entry).unwrap_or(NONE));
         }
     }
 
-    fn insert(&mut self, key: &str, index: u64, cost: usize) {
-        if cost > 0 {
-            debug_assert_eq!(index, self.entries.len() as u64);
-            self.entries.push(key.to_string());
-            self.index.insert(key.to_string(), index);
-            self.encoded_len += cost;
-        }
-    }
-
-    fn encode(&self, field_tag: u8, out: &mut Vec<u8>) {
-        for key in &self.entries {
-            out.push(field_tag);
-            put_varint(out, key.len() as u64);
-            out.extend_from_slice(key.as_bytes());
-        }
+    fn encoded_len(&self) -> usize {
+        self.encoded.len()
     }
 
     fn clear(&mut self) {
-        self.entries.clear();
+        self.encoded.clear();
+        self.spans.clear();
+        self.next.clear();
         self.index.clear();
-        self.encoded_len = 0;
     }
 }
 
@@ -110,9 +159,8 @@ pub struct AggregateBuilder {
 
 /// How many bytes a user record costs inside an aggregate, and the indexes it would use.
 struct Placement {
-    pk_index: u64,
-    pk_cost: usize,
-    ehk: Option<(u64, usize)>,
+    pk: Slot,
+    ehk: Option<Slot>,
     record_body: usize,
 }
 
@@ -145,11 +193,11 @@ impl AggregateBuilder {
     }
 
     fn proto_len(&self) -> usize {
-        self.partition_keys.encoded_len + self.hash_keys.encoded_len + self.records.len()
+        self.partition_keys.encoded_len() + self.hash_keys.encoded_len() + self.records.len()
     }
 
     fn place(&mut self, partition_key: &str, explicit_hash_key: Option<u128>, data_len: usize) -> Placement {
-        let (pk_index, pk_cost) = self.partition_keys.lookup(partition_key);
+        let pk = self.partition_keys.lookup(partition_key);
         let ehk = explicit_hash_key.map(|h| {
             self.hash_key_text.clear();
             use std::fmt::Write;
@@ -157,29 +205,29 @@ impl AggregateBuilder {
             self.hash_keys.lookup(&self.hash_key_text)
         });
         let record_body = 1
-            + varint_len(pk_index)
-            + ehk.map_or(0, |(i, _)| 1 + varint_len(i))
+            + varint_len(pk.index)
+            + ehk.map_or(0, |e| 1 + varint_len(e.index))
             + len_field(data_len);
-        Placement { pk_index, pk_cost, ehk, record_body }
+        Placement { pk, ehk, record_body }
     }
 
     /// The size of the aggregate if this record were added (see [`AggregateBuilder::size`]).
     pub fn size_with(&mut self, partition_key: &str, explicit_hash_key: Option<u128>, data_len: usize) -> usize {
         let p = self.place(partition_key, explicit_hash_key, data_len);
-        self.size() + p.pk_cost + p.ehk.map_or(0, |(_, c)| c) + len_field(p.record_body)
+        self.size() + p.pk.cost + p.ehk.map_or(0, |e| e.cost) + len_field(p.record_body)
     }
 
     /// Adds the record if the aggregate stays within its limit; returns whether it did.
     pub fn try_add(&mut self, partition_key: &str, explicit_hash_key: Option<u128>, data: &[u8]) -> bool {
         let p = self.place(partition_key, explicit_hash_key, data.len());
-        let grown = self.size() + p.pk_cost + p.ehk.map_or(0, |(_, c)| c) + len_field(p.record_body);
+        let grown = self.size() + p.pk.cost + p.ehk.map_or(0, |e| e.cost) + len_field(p.record_body);
         if grown > self.max_bytes {
             return false;
         }
-        self.partition_keys.insert(partition_key, p.pk_index, p.pk_cost);
-        if let Some((index, cost)) = p.ehk {
+        self.partition_keys.insert(0x0a, partition_key, p.pk);
+        if let Some(slot) = p.ehk {
             let text = std::mem::take(&mut self.hash_key_text);
-            self.hash_keys.insert(&text, index, cost);
+            self.hash_keys.insert(0x12, &text, slot);
             self.hash_key_text = text;
         }
         let out = &mut self.records;
@@ -187,10 +235,10 @@ impl AggregateBuilder {
         out.push(0x1a);
         put_varint(out, p.record_body as u64);
         out.push(0x08);
-        put_varint(out, p.pk_index);
-        if let Some((index, _)) = p.ehk {
+        put_varint(out, p.pk.index);
+        if let Some(slot) = p.ehk {
             out.push(0x10);
-            put_varint(out, index);
+            put_varint(out, slot.index);
         }
         out.push(0x1a);
         put_varint(out, data.len() as u64);
@@ -209,12 +257,15 @@ impl AggregateBuilder {
     }
 
     /// Encodes the aggregate (magic, protobuf, MD5) and empties the builder for reuse.
+    /// An empty aggregate is garbage to some consumers (Python passes its 20 bytes through as
+    /// a record): callers never finish an empty builder.
     pub fn finish(&mut self) -> Vec<u8> {
+        debug_assert!(!self.is_empty(), "finishing an empty aggregate");
         let proto_len = self.proto_len();
         let mut out = Vec::with_capacity(FRAME_OVERHEAD + proto_len);
         out.extend_from_slice(&MAGIC);
-        self.partition_keys.encode(0x0a, &mut out);
-        self.hash_keys.encode(0x12, &mut out);
+        out.extend_from_slice(&self.partition_keys.encoded);
+        out.extend_from_slice(&self.hash_keys.encoded);
         out.extend_from_slice(&self.records);
         let digest = Md5::digest(&out[MAGIC.len()..]);
         out.extend_from_slice(&digest);
@@ -224,12 +275,11 @@ impl AggregateBuilder {
     }
 }
 
-/// Whether `data` would be read as an aggregate by a consumer: magic, then a protobuf body
-/// whose MD5 matches the trailer. A user record like that must never be sent raw.
+/// Whether a consumer could mistake `data` for an aggregate: it starts with the magic. The KCL
+/// and Python check the digest first, but Node's `aws-kinesis-agg` fails on any record with the
+/// magic, so such a user record is never sent raw.
 pub fn looks_aggregated(data: &[u8]) -> bool {
-    data.len() >= FRAME_OVERHEAD
-        && data[..MAGIC.len()] == MAGIC
-        && Md5::digest(&data[MAGIC.len()..data.len() - DIGEST_LEN])[..] == data[data.len() - DIGEST_LEN..]
+    data.starts_with(&MAGIC)
 }
 
 /// One user record as a consumer sees it after deaggregation.

@@ -1,0 +1,72 @@
+# frozen_string_literal: true
+
+require "json"
+require "base64"
+require "open3"
+
+# A kinesalite server on 127.0.0.1 for the Ruby tests, with the Python admin/consumer script
+# (boto3 + aws_kinesis_agg) to create streams and read everything back deaggregated.
+class LocalKinesis
+  SUPPORT = __dir__
+  SETUP = "run `npm ci --prefix test/support` and `pip install -r test/support/requirements.txt`"
+
+  attr_reader :endpoint, :pid
+
+  def self.shared
+    @shared ||= new.tap { |k| at_exit { k.stop } }
+  end
+
+  def initialize
+    unless File.exist?(File.join(SUPPORT, "node_modules", "kinesalite", "package.json"))
+      raise "kinesalite is not installed: #{SETUP}"
+    end
+
+    # stdin stays open while we live: the server exits when it closes, even if we crash.
+    @stdin, @stdout, @wait = Open3.popen2("node", File.join(SUPPORT, "kinesalite.js"))
+    line = @stdout.gets or raise "kinesalite did not start (is node installed?)"
+    info = JSON.parse(line)
+    @pid = info.fetch("pid")
+    @endpoint = "http://127.0.0.1:#{info.fetch("port")}"
+    @streams = 0
+  end
+
+  def stop
+    return unless @pid
+
+    Process.kill("TERM", @pid)
+    @wait.join(5)
+  rescue Errno::ESRCH
+    nil
+  ensure
+    @stdin&.close unless @stdin&.closed?
+    @pid = nil
+  end
+
+  def unique_stream(prefix = "test")
+    @streams += 1
+    "#{prefix}-#{Process.pid}-#{@streams}"
+  end
+
+  def create_stream(name, shards)
+    admin("create", name, shards.to_s)
+    name
+  end
+
+  # {"records" => [{"data" => bytes, "partition_key", "shard", "aggregated", "kcl_ok"}...],
+  #  "kinesis_records" => n, "kcl_dropped_aggregates" => n}
+  def read(name)
+    out = JSON.parse(admin("read", name))
+    out["records"].each { |r| r["data"] = Base64.strict_decode64(r["data"]) }
+    out
+  end
+
+  private
+
+  def admin(*args)
+    python = ENV.fetch("PYTHON", "python3")
+    out, err, status = Open3.capture3(python, File.join(SUPPORT, "kinesis_admin.py"), args[0], @endpoint, *args[1..])
+    raise "kinesis_admin.py #{args.join(" ")} failed (#{SETUP}): #{err}" unless status.success?
+
+    out
+  end
+end
