@@ -74,8 +74,9 @@ def read(endpoint, stream):
                     dropped += 1
                 for u in users:
                     k = u["kinesis"]
-                    data = k["data"]
-                    data = data if isinstance(data, bytes) else base64.b64decode(data)
+                    # The library base64-encodes deaggregated user records (Lambda's shape) but hands
+                    # back Boto3-format records it did not deaggregate as they were.
+                    data = base64.b64decode(k["data"]) if aggregated else k["data"]
                     out.append({"shard": shard["ShardId"], "data": base64.b64encode(data).decode(),
                                 "partition_key": k.get("partitionKey"), "explicit_hash_key": k.get("explicitHashKey"),
                                 "aggregated": aggregated, "kcl_ok": ok})

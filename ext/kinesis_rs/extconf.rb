@@ -1,0 +1,16 @@
+# frozen_string_literal: true
+
+# Builds the Rust extension as fluent_plugin_kinesis_rs/kinesis_rs.so (the cdylib of this crate,
+# exporting Init_kinesis_rs). The crate is a member of the Cargo workspace two directories up,
+# whose Cargo.toml and Cargo.lock the gem ships.
+require "mkmf"
+require "rb_sys/mkmf"
+
+create_rust_makefile("fluent_plugin_kinesis_rs/kinesis_rs") do |r|
+  # release unless told otherwise (`RB_SYS_CARGO_PROFILE=dev rake compile` for a quick build);
+  # a gem install always builds release.
+  r.profile = ENV.fetch("RB_SYS_CARGO_PROFILE", "release").to_sym
+  # After a gem install rb_sys deletes its target directory; never do that to a shared one
+  # the caller passed in (RB_SYS_CARGO_TARGET_DIR), which other builds reuse.
+  r.clean_after_install = false if ENV["RB_SYS_CARGO_TARGET_DIR"]
+end

@@ -1,0 +1,550 @@
+# frozen_string_literal: true
+
+require "socket"
+require "fluent/version"
+require "fluent/plugin/output"
+require "fluent_plugin_kinesis_rs"
+
+module Fluent
+  module Plugin
+    # `@type kinesis_streams_aggregated`, a drop-in for fluent-plugin-kinesis's output of the
+    # same name. Each buffer chunk goes to the Rust extension as one byte string: formatting,
+    # KPL aggregation per predicted shard, PutRecords with retries, all without the GVL.
+    #
+    # What happens to records:
+    # - delivered: counted, remembered per chunk so a retry of the chunk does not resend them;
+    # - can never be sent (not a hash, missing data_key or partition_key, invalid explicit hash
+    #   key, too large): emitted to fluentd's error stream (`@ERROR` label) with the reason;
+    # - not delivered after retries: the write raises, so fluentd retries the chunk or hands it
+    #   to `<secondary>`. Only request validation errors are unrecoverable (straight to
+    #   `<secondary>`); missing streams and denied access are retried until fixed.
+    class KinesisStreamsAggregatedRsOutput < Fluent::Plugin::Output
+      Fluent::Plugin.register_output("kinesis_streams_aggregated", self)
+
+      helpers :formatter, :inject, :metrics, :event_emitter
+
+      IMPLEMENTATION = "fluent-plugin-kinesis-rs #{FluentPluginKinesisRs::VERSION} (Rust extension)"
+      DEFAULT_MAX_RECORD_SIZE = 1024 * 1024
+      PUT_RECORDS_MAX_ENTRIES = 500
+      PUT_RECORDS_MAX_BYTES = 5 * 1024 * 1024
+      # The Kinesis counters shown in monitor_agent, in the order the extension reports them.
+      COUNTERS = %w[user_records delivered failed refused kinesis_records aggregates requests
+                    request_errors retried_entries throttled_entries bytes_delivered
+                    put_payload_units wrong_shard resent_user_records shard_map_refreshes
+                    rate_limited_ms].freeze
+      # Chunks whose partial delivery is remembered at most (oldest forgotten first).
+      MAX_REMEMBERED_CHUNKS = 4096
+
+      # Raised when records were not delivered; fluentd retries the chunk.
+      class DeliveryError < FluentPluginKinesisRs::Error; end
+      # Raised when retrying cannot help (invalid requests, unreadable chunks).
+      class UnrecoverableDeliveryError < Fluent::UnrecoverableError; end
+      # The error attached to records sent to the error stream.
+      class RecordRefusedError < FluentPluginKinesisRs::Error; end
+
+      # --- fluent-plugin-kinesis parameters (same names and meanings) ---
+      desc "Name of the stream to put data (chunk placeholders such as ${tag} allowed)."
+      config_param :stream_name, :string
+      desc "AWS region of the stream (else AWS_REGION / the shared config)."
+      config_param :region, :string, default: nil
+      desc "Kinesis endpoint URL (local servers, VPC endpoints)."
+      config_param :endpoint, :string, default: nil
+      desc "Verify the endpoint's TLS certificate. Only `true` is supported; see ssl_ca_file."
+      config_param :ssl_verify_peer, :bool, default: true
+      desc "HTTP(S) proxy URL, e.g. http://user:pass@proxy:3128 (HTTP(S)_PROXY env is honoured too)."
+      config_param :http_proxy, :string, default: nil, secret: true
+      desc "AWS access key id."
+      config_param :aws_key_id, :string, default: nil, secret: true
+      desc "AWS secret access key."
+      config_param :aws_sec_key, :string, default: nil, secret: true
+      desc "AWS session token."
+      config_param :aws_ses_token, :string, default: nil, secret: true
+      config_section :assume_role_credentials, multi: false do
+        desc "The ARN of the role to assume."
+        config_param :role_arn, :string, secret: true
+        desc "An identifier for the assumed role session."
+        config_param :role_session_name, :string
+        desc "An IAM policy in JSON format."
+        config_param :policy, :string, default: nil
+        desc "The duration, in seconds, of the role session (900-3600)."
+        config_param :duration_seconds, :integer, default: nil
+        desc "A unique identifier used by third parties when assuming roles."
+        config_param :external_id, :string, default: nil, secret: true
+        desc "Proxy for STS calls (the plugin's http_proxy is used for all calls)."
+        config_param :sts_http_proxy, :string, default: nil, secret: true
+        desc "STS endpoint URL."
+        config_param :sts_endpoint_url, :string, default: nil
+        desc "STS region (defaults to region)."
+        config_param :sts_region, :string, default: nil
+      end
+      config_section :web_identity_credentials, multi: false do
+        desc "The ARN of the role to assume."
+        config_param :role_arn, :string
+        desc "An identifier for the assumed role session."
+        config_param :role_session_name, :string
+        desc "The absolute path to the file on disk containing the OIDC token."
+        config_param :web_identity_token_file, :string, default: nil
+        desc "An IAM policy in JSON format."
+        config_param :policy, :string, default: nil
+        desc "The duration, in seconds, of the role session (not supported; the default applies)."
+        config_param :duration_seconds, :integer, default: nil
+      end
+      config_section :instance_profile_credentials, multi: false do
+        desc "Number of times to retry when retrieving credentials."
+        config_param :retries, :integer, default: nil
+        desc "IP address of the instance metadata service (default 169.254.169.254)."
+        config_param :ip_address, :string, default: nil
+        desc "Port of the instance metadata service (default 80)."
+        config_param :port, :integer, default: nil
+        desc "Seconds to wait for the connection to open."
+        config_param :http_open_timeout, :float, default: nil
+        desc "Seconds to wait for one block to be read."
+        config_param :http_read_timeout, :float, default: nil
+      end
+      config_section :shared_credentials, multi: false do
+        desc "Path to the shared credentials file."
+        config_param :path, :string, default: nil
+        desc "Profile name."
+        config_param :profile_name, :string, default: nil
+      end
+      config_section :process_credentials, multi: false do
+        desc "Command that prints credentials as JSON (credential_process)."
+        config_param :process, :string, secret: true
+      end
+      desc "Send every record with this partition key (one shard) instead of a random key per aggregate."
+      config_param :fixed_partition_key, :string, default: nil
+      desc "Send record[data_key].to_s instead of the formatted record."
+      config_param :data_key, :string, default: nil
+      desc "Truncate log lines about refused records to this many characters (0: no limit)."
+      config_param :log_truncate_max_size, :integer, default: 1024
+      desc "Compress each record: zlib or gzip."
+      config_param :compression, :enum, list: %i[zlib gzip], default: nil
+      desc "Remove the trailing newline of each formatted record."
+      config_param :chomp_record, :bool, default: false
+      desc "The stream's record size limit (data plus partition key): 1 MiB unless the stream was raised, up to 10 MiB."
+      config_param :max_record_size, :size, default: DEFAULT_MAX_RECORD_SIZE
+      desc "Kinesis records per PutRecords call (at most 500)."
+      config_param :batch_request_max_count, :integer, default: PUT_RECORDS_MAX_ENTRIES
+      desc "Bytes per PutRecords call (at most 5 MiB)."
+      config_param :batch_request_max_size, :size, default: PUT_RECORDS_MAX_BYTES
+      desc "Retries of failed PutRecords entries before the chunk is handed back to fluentd."
+      config_param :retries_on_batch_request, :integer, default: 8
+      desc "Start the backoff again when a retry delivered anything."
+      config_param :reset_backoff_if_success, :bool, default: true
+      desc "Accepted for compatibility; undelivered records are never dropped: fluentd retries the chunk."
+      config_param :drop_failed_records_after_batch_request_retries, :bool, default: nil
+      desc "Accepted for compatibility; retries are counted in monitor_agent (retried_entries)."
+      config_param :monitor_num_of_batch_request_retries, :bool, default: nil
+      desc "Log every chunk's delivery counters at info level."
+      config_param :debug, :bool, default: false
+      config_section :format do
+        config_set_default :@type, "json"
+      end
+      config_section :inject do
+        config_set_default :time_type, "string"
+        config_set_default :time_format, "%Y-%m-%dT%H:%M:%S.%N%z"
+      end
+      config_section :buffer do
+        # The tag is needed by ${tag} placeholders, inject tag_key and tag-aware formatters.
+        config_set_default :chunk_keys, ["tag"]
+      end
+
+      # --- new parameters ---
+      desc "Record field holding the partition key: records keep their keys and are aggregated per predicted shard."
+      config_param :partition_key, :string, default: nil
+      desc "Record field holding an explicit hash key (decimal 0..2^128-1); needs partition_key."
+      config_param :explicit_hash_key, :string, default: nil
+      desc "Largest aggregate in bytes (default: max_record_size)."
+      config_param :aggregation_max_size, :size, default: nil
+      desc "Per-shard rate limit, percent of 1 MiB/s and 1000 records/s (0: off)."
+      config_param :rate_limit, :integer, default: 150
+      desc "PutRecords calls in flight at once per chunk."
+      config_param :max_concurrent_requests, :integer, default: 8
+      desc "Seconds one chunk's delivery may take, retries included, before fluentd retries it."
+      config_param :delivery_timeout, :time, default: 120
+      desc "Seconds one HTTP request may take."
+      config_param :request_timeout, :time, default: 30
+      desc "Seconds to open a connection."
+      config_param :connect_timeout, :time, default: 5
+      desc "PEM file of extra certificate authorities to trust."
+      config_param :ssl_ca_file, :string, default: nil
+      desc "Check at start that the stream exists and is reachable (skipped when stream_name has placeholders)."
+      config_param :check_stream_on_start, :bool, default: true
+
+      def initialize
+        super
+        @delivered = {}
+        @delivered_lock = Mutex.new
+      end
+
+      def multi_workers_ready?
+        true
+      end
+
+      def configure(conf)
+        super
+        validate!
+        warn_about_compatibility_options
+        @formatter = formatter_create
+        @format_options = fast_format_options
+        @native_formatter = native_formatter
+        @producer_options = producer_options
+        @counter_metrics = COUNTERS.to_h do |name|
+          [name, metrics_create(namespace: "fluentd", subsystem: "output", name: "kinesis_#{name}",
+                                help_text: "Kinesis #{name.tr("_", " ")}")]
+        end
+        log.info "kinesis_streams_aggregated is #{IMPLEMENTATION}"
+        warn_if_anchor_installed
+      end
+
+      def start
+        super
+        @producer = FluentPluginKinesisRs::Native::Producer.new(@producer_options)
+        check_stream if @check_stream_on_start
+      end
+
+      def close
+        super
+        @producer&.close
+      end
+
+      def statistics
+        stats = super
+        stats["output"].merge!(kinesis_statistics)
+        stats
+      end
+
+      # The Kinesis counters since start, as monitor_agent shows them.
+      def kinesis_statistics
+        COUNTERS.to_h { |name| ["kinesis_#{name}", @counter_metrics[name].get] }
+      end
+
+      def write(chunk)
+        stream = extract_placeholders(@stream_name, chunk)
+        chunk_id = dump_unique_id_hex(chunk.unique_id)
+        previously = @delivered_lock.synchronize { @delivered[chunk_id] }
+        tag = chunk.metadata.tag
+        result = deliver(chunk, stream, tag, previously)
+        account(result)
+        emit_refused(chunk, tag, result["refused"]) unless result["refused"].empty?
+        failures = result["failures"]
+        if failures.empty?
+          @delivered_lock.synchronize { @delivered.delete(chunk_id) }
+          log_chunk(stream, chunk_id, result)
+          return
+        end
+        remember(chunk_id, result["delivered"])
+        raise_undelivered(stream, chunk_id, result)
+      rescue FluentPluginKinesisRs::CorruptChunkError => e
+        raise UnrecoverableDeliveryError, "chunk #{chunk_id} cannot be read: #{e.message}"
+      end
+
+      private
+
+      def validate!
+        if @fixed_partition_key && @partition_key
+          raise Fluent::ConfigError, "fixed_partition_key and partition_key exclude each other: set one"
+        end
+        if @explicit_hash_key && !@partition_key
+          raise Fluent::ConfigError, "explicit_hash_key needs partition_key (Kinesis requires a partition key on every record)"
+        end
+        unless (1..10 * 1024 * 1024).cover?(@max_record_size)
+          raise Fluent::ConfigError, "max_record_size #{@max_record_size} must be between 1 byte and 10 MiB"
+        end
+        if @batch_request_max_count > PUT_RECORDS_MAX_ENTRIES
+          log.warn "batch_request_max_count #{@batch_request_max_count} is above the PutRecords limit; using #{PUT_RECORDS_MAX_ENTRIES} (records are aggregated, so this counts aggregates, not log lines)"
+          @batch_request_max_count = PUT_RECORDS_MAX_ENTRIES
+        end
+        max_request = [PUT_RECORDS_MAX_BYTES, @max_record_size].max
+        if @batch_request_max_size > max_request
+          log.warn "batch_request_max_size #{@batch_request_max_size} is above the PutRecords limit; using #{max_request}"
+          @batch_request_max_size = max_request
+        end
+        @batch_request_max_size = [@batch_request_max_size, [@max_record_size, PUT_RECORDS_MAX_BYTES].min].max
+        @aggregation_max_size ||= @max_record_size
+        if @aggregation_max_size > @max_record_size
+          raise Fluent::ConfigError, "aggregation_max_size #{@aggregation_max_size} exceeds max_record_size #{@max_record_size}"
+        end
+        unless @ssl_verify_peer
+          raise Fluent::ConfigError, "ssl_verify_peer false is not supported: TLS peers are always verified. " \
+                                     "To trust a private CA, set ssl_ca_file to its PEM file"
+        end
+        if @inject_config&.tag_key && !@chunk_key_tag
+          raise Fluent::ConfigError, "<inject> tag_key needs the tag: chunk the buffer by tag (<buffer tag>)"
+        end
+        if @web_identity_credentials && !(@web_identity_credentials.web_identity_token_file || ENV["AWS_WEB_IDENTITY_TOKEN_FILE"])
+          raise Fluent::ConfigError, "<web_identity_credentials> needs web_identity_token_file (or AWS_WEB_IDENTITY_TOKEN_FILE)"
+        end
+      end
+
+      def warn_about_compatibility_options
+        unless @drop_failed_records_after_batch_request_retries.nil?
+          log.warn "drop_failed_records_after_batch_request_retries is ignored: records are never dropped. " \
+                   "Undelivered records make the chunk fail, so fluentd retries it or hands it to <secondary>"
+        end
+        unless @monitor_num_of_batch_request_retries.nil?
+          log.warn "monitor_num_of_batch_request_retries is ignored: retries are counted in monitor_agent (kinesis_retried_entries)"
+        end
+        if @assume_role_credentials&.sts_http_proxy
+          log.warn "assume_role_credentials sts_http_proxy is ignored: all calls use http_proxy"
+        end
+        if @web_identity_credentials&.duration_seconds
+          log.warn "web_identity_credentials duration_seconds is ignored: the STS default session length applies"
+        end
+      end
+
+      def warn_if_anchor_installed
+        anchor = Gem::Specification.find_all_by_name("fluent-plugin-kinesis").map(&:version).max
+        return unless anchor
+
+        log.warn "fluent-plugin-kinesis #{anchor} is installed too and registers the same @type; " \
+                 "fluentd loads the gem with the higher version. The active implementation is the one " \
+                 "logging 'kinesis_streams_aggregated is ...'. Uninstall one of them to be sure."
+      rescue StandardError
+        nil
+      end
+
+      # The formatting settings for the Rust fast path; nil when a formatter needs fluentd.
+      def fast_format_options
+        fmt = @formatter.class.name.to_s
+        type = case fmt
+               when "Fluent::Plugin::JSONFormatter" then "json"
+               when "Fluent::Plugin::SingleValueFormatter" then "single_value"
+               when "Fluent::Plugin::MessagePackFormatter" then "msgpack"
+               end
+        # CRLF newlines are left to fluentd's formatter.
+        type = "#{fmt} with CRLF newlines" if type && @formatter.instance_variable_get(:@newline).to_s == "\r\n"
+        opts = {
+          "format" => type || fmt,
+          "data_key" => @data_key,
+          "chomp_record" => @chomp_record,
+          "compression" => @compression&.to_s,
+          "partition_key" => @partition_key,
+          "explicit_hash_key" => @explicit_hash_key,
+          "max_record_size" => @max_record_size,
+        }
+        if @formatter.respond_to?(:add_newline) || @formatter.instance_variable_defined?(:@add_newline)
+          opts["add_newline"] = @formatter.instance_variable_get(:@add_newline)
+        end
+        opts["message_key"] = @formatter.message_key if type == "single_value"
+        opts["inject"] = inject_options if @_inject_enabled
+        opts
+      end
+
+      def inject_options
+        c = @inject_config
+        # fluentd's order: timezone, then utc / localtime false, then local time.
+        zone = if c.timezone then fixed_offset(c.timezone)
+               elsif c.utc || c.localtime == false then "utc"
+               else "local"
+               end
+        {
+          "hostname_key" => c.hostname_key, "hostname" => (c.hostname_key && (c.hostname || Socket.gethostname)),
+          "worker_id_key" => c.worker_id_key, "worker_id" => (c.worker_id_key && fluentd_worker_id),
+          "tag_key" => c.tag_key, "time_key" => c.time_key, "time_type" => c.time_type.to_s,
+          "time_format" => c.time_format, "zone" => zone,
+        }
+      end
+
+      # "+09:00" → 32400; a named zone (Asia/Tokyo) stays a name, which fluentd formats.
+      def fixed_offset(tz)
+        m = /\A([+-])(\d\d):?(\d\d)\z/.match(tz)
+        return tz unless m
+
+        (m[1] == "-" ? -1 : 1) * (m[2].to_i * 3600 + m[3].to_i * 60)
+      end
+
+      def native_formatter
+        FluentPluginKinesisRs::Native::Formatter.new(@format_options)
+      rescue FluentPluginKinesisRs::NeedsRubyFormattingError => e
+        log.info "records are formatted by fluentd (slower path): #{e.message}"
+        nil
+      rescue FluentPluginKinesisRs::ConfigurationError => e
+        raise Fluent::ConfigError, e.message
+      end
+
+      def credentials_options
+        if @aws_key_id && @aws_sec_key
+          base = { "type" => "static", "access_key_id" => @aws_key_id, "secret_access_key" => @aws_sec_key,
+                   "session_token" => @aws_ses_token }
+        end
+        if (c = @assume_role_credentials)
+          return { "type" => "assume_role", "role_arn" => c.role_arn, "role_session_name" => c.role_session_name,
+                   "policy" => c.policy, "duration_seconds" => c.duration_seconds, "external_id" => c.external_id,
+                   "sts_endpoint_url" => c.sts_endpoint_url, "sts_region" => c.sts_region, "source" => base }
+        end
+        if (c = @web_identity_credentials)
+          return { "type" => "web_identity", "role_arn" => c.role_arn, "role_session_name" => c.role_session_name,
+                   "web_identity_token_file" => c.web_identity_token_file || ENV["AWS_WEB_IDENTITY_TOKEN_FILE"], "policy" => c.policy }
+        end
+        if (c = @instance_profile_credentials)
+          endpoint = c.ip_address || c.port ? "http://#{c.ip_address || "169.254.169.254"}:#{c.port || 80}" : nil
+          return { "type" => "instance_profile", "endpoint" => endpoint, "retries" => c.retries,
+                   "http_open_timeout" => c.http_open_timeout, "http_read_timeout" => c.http_read_timeout }
+        end
+        if (c = @shared_credentials)
+          return { "type" => "shared", "path" => c.path, "profile_name" => c.profile_name }
+        end
+        return { "type" => "process", "process" => @process_credentials.process } if @process_credentials
+
+        base || { "type" => "default" }
+      end
+
+      def producer_options
+        key_mode = if @partition_key then "per_record"
+                   elsif @fixed_partition_key then "fixed"
+                   else "random"
+                   end
+        {
+          "region" => @region, "endpoint" => @endpoint, "http_proxy" => @http_proxy, "ca_file" => @ssl_ca_file,
+          "connect_timeout" => @connect_timeout.to_f, "request_timeout" => @request_timeout.to_f,
+          "credentials" => credentials_options, "max_record_size" => @max_record_size,
+          "aggregation_max_size" => @aggregation_max_size, "batch_request_max_count" => @batch_request_max_count,
+          "batch_request_max_size" => @batch_request_max_size, "concurrency" => @max_concurrent_requests,
+          "rate_limit" => @rate_limit, "retries" => @retries_on_batch_request,
+          "reset_backoff_if_success" => @reset_backoff_if_success, "deadline" => @delivery_timeout.to_f,
+          "key_mode" => key_mode, "fixed_partition_key" => @fixed_partition_key,
+          "user_agent" => "fluentd/#{Fluent::VERSION}",
+        }
+      end
+
+      def check_stream
+        if @stream_name.include?("${")
+          log.info "stream_name has placeholders; streams are checked on first write"
+          return
+        end
+        shards = @producer.check_stream(@stream_name)
+        log.info "stream #{@stream_name.inspect} is reachable with #{shards} open shard(s)"
+      rescue FluentPluginKinesisRs::StreamError => e
+        # Not fatal: the stream may be created later; chunks wait in the buffer meanwhile.
+        log.error "kinesis_streams_aggregated cannot use its stream yet; records stay buffered and are retried", error: e.message
+      end
+
+      def deliver(chunk, stream, tag, previously)
+        if @native_formatter
+          begin
+            return @producer.put_chunk(stream, @native_formatter, chunk.read, tag, previously)
+          rescue FluentPluginKinesisRs::NeedsRubyFormattingError => e
+            log.debug { "chunk #{dump_unique_id_hex(chunk.unique_id)} formatted by fluentd: #{e.message}" }
+          end
+        end
+        deliver_formatted_in_ruby(chunk, stream, tag, previously)
+      end
+
+      # The slow path: fluentd's formatter, then the extension delivers.
+      def deliver_formatted_in_ruby(chunk, stream, tag, previously)
+        records = []
+        refused = []
+        index = -1
+        chunk.each do |time, record|
+          index += 1
+          next if previously && delivered_bit?(previously, index)
+
+          begin
+            records << [index, format_record(tag, time, record), *record_keys(record)]
+          rescue RecordRefusedError => e
+            refused << [index, e.message]
+          end
+        end
+        result = @producer.put_records(stream, records, index + 1, previously)
+        result["refused"] = (result["refused"] + refused).sort_by(&:first)
+        result
+      end
+
+      def format_record(tag, time, record)
+        raise RecordRefusedError, "Invalid type of record (not a hash)" unless record.is_a?(Hash)
+
+        data = if @data_key
+                 value = record[@data_key]
+                 raise RecordRefusedError, "Key '#{@data_key}' doesn't exist" if value.nil?
+
+                 value.to_s.b
+               else
+                 text = @formatter.format(tag, time, inject_values_to_record(tag, time, record))
+                 (@chomp_record ? text.chomp : text).b
+               end
+        case @compression
+        when :zlib then Zlib::Deflate.deflate(data)
+        when :gzip then Zlib.gzip(data)
+        else data
+        end
+      end
+
+      def record_keys(record)
+        return [nil, nil] unless @partition_key
+
+        key = record[@partition_key]
+        raise RecordRefusedError, "partition_key field '#{@partition_key}' is missing or null" if key.nil?
+
+        key = key.to_s
+        raise RecordRefusedError, "partition_key field '#{@partition_key}' is empty" if key.empty?
+
+        ehk = nil
+        if @explicit_hash_key
+          ehk = record[@explicit_hash_key]
+          raise RecordRefusedError, "explicit_hash_key field '#{@explicit_hash_key}' is missing or null" if ehk.nil?
+
+          ehk = ehk.to_s
+        end
+        [key, ehk]
+      end
+
+      def delivered_bit?(bits, index)
+        byte = bits.getbyte(index / 8)
+        byte && byte[index % 8] == 1
+      end
+
+      def remember(chunk_id, delivered)
+        @delivered_lock.synchronize do
+          @delivered.delete(chunk_id)
+          @delivered.shift while @delivered.size >= MAX_REMEMBERED_CHUNKS
+          @delivered[chunk_id] = delivered
+        end
+      end
+
+      def account(result)
+        counters = result["counters"]
+        COUNTERS.each do |name|
+          value = counters[name]
+          @counter_metrics[name].add(value) if value&.positive?
+        end
+      end
+
+      def emit_refused(chunk, tag, refused)
+        wanted = refused.to_h
+        index = -1
+        chunk.each do |time, record|
+          index += 1
+          reason = wanted[index] or next
+          log.warn "record refused, sent to the error stream: #{truncate(reason)}", record: truncate(record.to_s)
+          router.emit_error_event(tag || "kinesis_streams_aggregated", time, record, RecordRefusedError.new(reason))
+        end
+      end
+
+      def truncate(text)
+        text = text.to_s
+        @log_truncate_max_size.zero? || text.size <= @log_truncate_max_size ? text : text[0...@log_truncate_max_size]
+      end
+
+      def log_chunk(stream, chunk_id, result)
+        return unless @debug || log.debug?
+
+        c = result["counters"]
+        message = "chunk #{chunk_id} -> #{stream}: #{c["delivered"]} records in #{c["kinesis_records"]} Kinesis records, " \
+                  "#{c["requests"]} PutRecords calls, #{c["retried_entries"]} retried, #{c["throttled_entries"]} throttled"
+        @debug ? log.info(message) : log.debug(message)
+      end
+
+      def raise_undelivered(stream, chunk_id, result)
+        failures = result["failures"]
+        undelivered = failures.sum { |f| f[3] }
+        reasons = failures.map { |kind, code, message, n| "#{n} x #{code} (#{kind}): #{message}" }.join("; ")
+        message = "#{undelivered} of #{result["events"]} records of chunk #{chunk_id} not delivered to stream " \
+                  "#{stream.inspect}: #{reasons}. #{result["delivered_count"]} delivered records will not be sent again"
+        raise UnrecoverableDeliveryError, message if failures.all? { |f| f[0] == "invalid" }
+
+        raise DeliveryError, "#{message}; fluentd retries the chunk"
+      end
+    end
+  end
+end
