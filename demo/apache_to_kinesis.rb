@@ -85,7 +85,7 @@ CONF
 puts "fluentd config: #{conf}"
 fluentd_log = File.join(dir, "fluentd.log")
 env = { "RUBYLIB" => ([File.join(ROOT, "lib")] + load_path).join(File::PATH_SEPARATOR) }
-fluentd = Process.spawn(env, *command, "-c", conf, "-o", fluentd_log, "--no-supervisor", pgroup: true)
+fluentd = Process.spawn(env, *command, "-c", conf, "-o", fluentd_log, pgroup: true)
 
 begin
   sleep 0.5 until File.exist?(fluentd_log) && File.read(fluentd_log).include?("fluentd worker is now running")
