@@ -1,0 +1,100 @@
+# frozen_string_literal: true
+
+require "json"
+require "open3"
+require "timeout"
+
+# The Rust tests' fault-injecting proxy (ext/kinesis_core/tests/support/fault_proxy.rs), run as
+# ext/kinesis_core/examples/kinesis_fault_proxy.rs in front of a local Kinesis. Point the plugin's
+# endpoint at #endpoint, then inject what real Kinesis does to PutRecords calls:
+#
+#   proxy.push(2, "status 500")          the next two calls answer 500 InternalFailure
+#   proxy.always("partial_throttle 0.5") half the entries of every call are throttled
+#   proxy.clear                          back to forwarding untouched
+#   proxy.stats                          {"requests" => {"PutRecords" => n}, "faults_injected" => n, ...}
+#
+# Faults: "status 500|503", "throttle_request", "partial_throttle F", "partial_internal_failure F",
+# "reset", "delay_ms MS".
+class FaultProxy
+  ROOT = File.expand_path("../..", __dir__)
+  EXAMPLE = "kinesis_fault_proxy"
+  # As script/test: one target directory outside the checkout unless CARGO_TARGET_DIR says otherwise.
+  DEFAULT_TARGET_DIR = "/var/cache/fluent-plugin-kinesis-rs/target"
+  ANSWER_TIMEOUT = 10
+
+  attr_reader :endpoint, :pid
+
+  # The proxy binary, built first when it is missing.
+  def self.binary
+    target = ENV["CARGO_TARGET_DIR"].to_s.empty? ? DEFAULT_TARGET_DIR : ENV["CARGO_TARGET_DIR"]
+    path = File.join(target, "debug", "examples", EXAMPLE)
+    return path if File.executable?(path)
+
+    command = ["cargo", "build", "--quiet", "-p", "kinesis_core", "--example", EXAMPLE]
+    ok = system({ "CARGO_TARGET_DIR" => target }, *command, chdir: ROOT)
+    raise "`#{command.join(" ")}` failed (CARGO_TARGET_DIR=#{target})" unless ok && File.executable?(path)
+
+    path
+  end
+
+  def initialize(upstream)
+    # stdin stays open while we live: the proxy exits when it closes, even if we crash.
+    @stdin, @stdout, @wait = Open3.popen2(self.class.binary, upstream)
+    info = JSON.parse(answer_line("startup"))
+    @pid = info.fetch("pid")
+    @endpoint = "http://127.0.0.1:#{info.fetch("port")}"
+  end
+
+  # Applies fault to each of the next n PutRecords calls.
+  def push(n, fault)
+    command("push #{n} #{fault}")
+  end
+
+  # Applies fault to every PutRecords call after the queued ones, until #clear.
+  def always(fault)
+    command("always #{fault}")
+  end
+
+  # Drops queued and standing faults; the counters stay.
+  def clear
+    command("clear")
+  end
+
+  # What the proxy saw and did: requests per operation, faults_injected, entries_throttled,
+  # entries_internal_failure, entries_forwarded, pending (queued faults not applied yet).
+  def stats
+    command("stats")
+  end
+
+  def stop
+    return unless @pid
+
+    @stdin.close unless @stdin.closed?
+    Process.kill("TERM", @pid) unless @wait.join(2)
+    @wait.join(5)
+  rescue Errno::ESRCH
+    nil
+  ensure
+    @pid = nil
+  end
+
+  private
+
+  def command(line)
+    raise "the fault proxy is stopped" unless @pid
+
+    @stdin.puts(line)
+    @stdin.flush
+    answer = JSON.parse(answer_line(line))
+    raise ArgumentError, "fault proxy: #{answer["error"]}" if answer.key?("error")
+
+    answer
+  end
+
+  def answer_line(what)
+    line = Timeout.timeout(ANSWER_TIMEOUT) { @stdout.gets }
+    raise "the fault proxy did not answer #{what.inspect} (exit #{@wait.value if @wait.join(0)})" unless line
+
+    line
+  end
+end
