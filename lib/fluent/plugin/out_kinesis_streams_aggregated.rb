@@ -233,8 +233,10 @@ module Fluent
           log_chunk(stream, chunk_id, result)
           return
         end
-        remember(chunk_id, result["delivered"])
-        raise_undelivered(stream, chunk_id, result)
+        # Refused records are in the error stream already: a retry of the chunk skips them too.
+        handled = handled_bits(result)
+        remember(chunk_id, handled)
+        raise_undelivered(stream, chunk_id, result, handled)
       rescue FluentPluginKinesisRs::CorruptChunkError => e
         raise UnrecoverableDeliveryError, "chunk #{chunk_id} cannot be read: #{e.message}"
       end
@@ -494,6 +496,17 @@ module Fluent
         byte && byte[index % 8] == 1
       end
 
+      # The bits of the events delivered (by any attempt) or refused: what a retry must skip.
+      def handled_bits(result)
+        bits = result["delivered"].b
+        result["refused"].each do |index, _reason|
+          byte = index / 8
+          bits << ("\0" * (byte + 1 - bits.bytesize)) if bits.bytesize <= byte
+          bits.setbyte(byte, bits.getbyte(byte) | (1 << (index % 8)))
+        end
+        bits
+      end
+
       def remember(chunk_id, delivered)
         @delivered_lock.synchronize do
           @delivered.delete(chunk_id)
@@ -503,7 +516,9 @@ module Fluent
       end
 
       def account(result)
-        counters = result["counters"]
+        # The extension counts only the records its producer refused; this adds those its
+        # formatter (or fluentd's) refused.
+        counters = result["counters"].merge("refused" => result["refused"].size)
         COUNTERS.each do |name|
           value = counters[name]
           @counter_metrics[name].add(value) if value&.positive?
@@ -526,21 +541,22 @@ module Fluent
         @log_truncate_max_size.zero? || text.size <= @log_truncate_max_size ? text : text[0...@log_truncate_max_size]
       end
 
+      # Fluent::Log has no debug?: the block form builds the message only at debug level.
       def log_chunk(stream, chunk_id, result)
-        return unless @debug || log.debug?
-
         c = result["counters"]
-        message = "chunk #{chunk_id} -> #{stream}: #{c["delivered"]} records in #{c["kinesis_records"]} Kinesis records, " \
-                  "#{c["requests"]} PutRecords calls, #{c["retried_entries"]} retried, #{c["throttled_entries"]} throttled"
-        @debug ? log.info(message) : log.debug(message)
+        message = lambda do
+          "chunk #{chunk_id} -> #{stream}: #{c["delivered"]} records in #{c["kinesis_records"]} Kinesis records, " \
+            "#{c["requests"]} PutRecords calls, #{c["retried_entries"]} retried, #{c["throttled_entries"]} throttled"
+        end
+        @debug ? log.info(message.call) : log.debug(&message)
       end
 
-      def raise_undelivered(stream, chunk_id, result)
+      def raise_undelivered(stream, chunk_id, result, handled)
         failures = result["failures"]
         undelivered = failures.sum { |f| f[3] }
         reasons = failures.map { |kind, code, message, n| "#{n} x #{code} (#{kind}): #{message}" }.join("; ")
         message = "#{undelivered} of #{result["events"]} records of chunk #{chunk_id} not delivered to stream " \
-                  "#{stream.inspect}: #{reasons}. #{result["delivered_count"]} delivered records will not be sent again"
+                  "#{stream.inspect}: #{reasons}. #{handled.unpack1("B*").count("1")} records delivered or refused so far will not be sent again"
         raise UnrecoverableDeliveryError, message if failures.all? { |f| f[0] == "invalid" }
 
         raise DeliveryError, "#{message}; fluentd retries the chunk"
