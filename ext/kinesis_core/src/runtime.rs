@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex};
 use once_cell::sync::Lazy;
 use tokio::runtime::Runtime;
 
-static RUNTIME: Lazy<Mutex<Option<(u32, Arc<Runtime>)>>> = Lazy::new(|| Mutex::new(None));
+/// The runtime and the pid of the process that created it.
+type OwnedRuntime = (u32, Arc<Runtime>);
+
+static RUNTIME: Lazy<Mutex<Option<OwnedRuntime>>> = Lazy::new(|| Mutex::new(None));
 
 /// Worker threads of the runtime: network waits dominate, so a couple are plenty.
 fn worker_threads() -> usize {
