@@ -24,12 +24,11 @@ class FaultProxy
 
   attr_reader :endpoint, :pid
 
-  # The proxy binary, built first when it is missing.
+  # The proxy binary, (re)built first: cargo does nothing when it is up to date, and a stale
+  # binary from an older checkout sharing the target directory is never used.
   def self.binary
     target = ENV["CARGO_TARGET_DIR"].to_s.empty? ? DEFAULT_TARGET_DIR : ENV["CARGO_TARGET_DIR"]
     path = File.join(target, "debug", "examples", EXAMPLE)
-    return path if File.executable?(path)
-
     command = ["cargo", "build", "--quiet", "-p", "kinesis_core", "--example", EXAMPLE]
     ok = system({ "CARGO_TARGET_DIR" => target }, *command, chdir: ROOT)
     raise "`#{command.join(" ")}` failed (CARGO_TARGET_DIR=#{target})" unless ok && File.executable?(path)
