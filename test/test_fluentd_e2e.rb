@@ -6,6 +6,8 @@ return unless TestHelper.fluentd!("real fluentd end-to-end tests")
 require "tmpdir"
 require "timeout"
 require "rbconfig"
+require "socket"
+require "net/http"
 require_relative "support/local_kinesis"
 
 # A real fluentd process, as in production: in_tail of an Apache access log (format apache2)
@@ -42,7 +44,13 @@ class FluentdEndToEndTest < Test::Unit::TestCase
     log = File.join(@dir, "access.log")
     File.write(log, "")
     conf = File.join(@dir, "fluent.conf")
+    @monitor_port = free_port
     File.write(conf, <<~CONF)
+      <source>
+        @type monitor_agent
+        bind 127.0.0.1
+        port #{@monitor_port}
+      </source>
       <source>
         @type tail
         path #{log}
@@ -63,6 +71,7 @@ class FluentdEndToEndTest < Test::Unit::TestCase
         #{extra}
         <buffer>
           flush_interval 1s
+          flush_thread_count 2
         </buffer>
       </match>
     CONF
@@ -75,6 +84,19 @@ class FluentdEndToEndTest < Test::Unit::TestCase
         f.flush if (i % 500).zero?
       end
     end
+  end
+
+  def free_port
+    server = TCPServer.new("127.0.0.1", 0)
+    server.addr[1]
+  ensure
+    server&.close
+  end
+
+  # The plugin's counters as fluentd's monitor_agent serves them.
+  def monitor_output
+    plugins = JSON.parse(Net::HTTP.get(URI("http://127.0.0.1:#{@monitor_port}/api/plugins.json")))["plugins"]
+    plugins.find { |p| p["type"] == "kinesis_streams_aggregated" }
   end
 
   def stop_fluentd
@@ -115,6 +137,11 @@ class FluentdEndToEndTest < Test::Unit::TestCase
     assert_every_line_once(got)
     assert got["records"].all? { |r| r["aggregated"] }
     assert_operator got["kinesis_records"], :<, LINES / 10
+    stats = monitor_output
+    assert_equal LINES, stats["kinesis_delivered"]
+    assert_equal 0, stats["kinesis_failed"]
+    assert_operator stats["kinesis_requests"], :>=, 1
+    assert_operator stats["kinesis_aggregates"], :>=, 1
     log = File.read(@fluentd_log)
     assert_match(/kinesis_streams_aggregated is fluent-plugin-kinesis-rs/, log)
     assert_match(/is reachable with 2 open shard/, log)
