@@ -1,0 +1,501 @@
+# frozen_string_literal: true
+
+# Issue 5's benchmark: this plugin against the one it replaces, on this machine, in one run.
+#
+#   script/bench                         (builds the extension in release, then runs this)
+#   LINES=200000 SHARDS=16 WRITE_PATH_RECORDS=100000 ruby bench/compare.rb
+#
+# Part 1, real fluentd processes (`--no-supervisor`, so the process measured is the worker),
+# each tailing the same Apache access log (in_tail, apache2 parser, read_from_head):
+#   (a) floor   `@type null`: what fluentd costs without any Kinesis output;
+#   (b) anchor  fluent-plugin-kinesis's `kinesis_streams_aggregated`, when it can be loaded;
+#   (c) ours    this gem's `kinesis_streams_aggregated`, with the very same <match> section.
+# Both Kinesis outputs talk to one local Kinesis (kinesalite on 127.0.0.1, started here)
+# through bench/counting_proxy.rb, a separate process that counts every PutRecords call on the
+# wire the same way for both. Each fluentd is started on an empty log, then the whole log is
+# appended at once; the run ends when every line is delivered (proxy) or, for the floor, read
+# (in_tail's pos file). CPU is the fluentd process's utime+stime from /proc/<pid>/stat between
+# those two moments; peak RSS is its VmHWM. Everything delivered is read back from kinesalite
+# and deaggregated with the Python consumer library (aws_kinesis_agg), line numbers checked.
+#
+# Part 2, the write path alone: bench/write_path.rb drives each plugin with fluentd's test
+# driver (same events, same default buffer, same proxy), in its own process, and reports CPU
+# per record for the emit/format phase and for the write phase separately.
+#
+# The two plugins register the same @type, so they never share a process or a load path.
+#
+# Environment:
+#   LINES               log lines for part 1 (default 200000)
+#   SHARDS              shards of every stream (default 16, so that our per-shard rate limiter,
+#                       150% of 1 MiB/s, does not bound records/s; its waiting time is printed)
+#   WRITE_PATH_RECORDS  events for part 2 (default 100000)
+#   WRITE_PATH_RUNS     runs of part 2 per plugin, alternating (default 3); the run with the
+#                       least CPU is reported (this machine is shared), every run's total shown
+#   FLUENTD_LIB         fluentd's and serverengine's lib dirs (default /opt/serverengine/lib and
+#                       /opt/fluentd/lib when both exist, else an installed fluentd gem)
+#   ANCHOR_LIB          load path of the anchor, colon-separated (see below)
+#   TIMEOUT             seconds one fluentd run may take (default 600)
+#
+# Getting the anchor (nothing of it is part of this repository, and nothing here downloads it):
+# fluent-plugin-kinesis is published on GitHub as awslabs/aws-fluent-plugin-kinesis (also as
+# the `fluent-plugin-kinesis` gem on rubygems.org); this bench was written against v3.6.1. It
+# needs the AWS SDK for Ruby, published on GitHub as aws/aws-sdk-ruby with one directory per gem
+# under gems/ (also as gems on rubygems.org): aws-sdk-kinesis, aws-sdk-core, aws-sigv4,
+# aws-partitions and aws-eventstream (take all five from the same revision); plus jmespath and
+# google-protobuf (Debian: ruby-jmespath, ruby-google-protobuf; they load from the system Ruby's
+# path). ANCHOR_LIB lists the `lib` directories, in this order:
+#   <plugin>/lib:<sdk>/gems/aws-sdk-core/lib:<sdk>/gems/aws-sdk-kinesis/lib:
+#   <sdk>/gems/aws-sigv4/lib:<sdk>/gems/aws-partitions/lib:<sdk>/gems/aws-eventstream/lib
+# Unset, it defaults to that layout with <plugin> = /opt/fluent-plugin-kinesis and
+# <sdk> = /opt/aws-sdk-ruby. If the anchor cannot be loaded from there, (b) is skipped with one
+# line saying why. If the anchor is installed as a gem instead, point ANCHOR_LIB at the gems'
+# lib directories.
+
+require "etc"
+require "json"
+require "fileutils"
+require "net/http"
+require "open3"
+require "rbconfig"
+require "socket"
+require "tmpdir"
+require_relative "apache_log"
+require_relative "../test/support/local_kinesis"
+
+module Bench
+  ROOT = File.expand_path("..", __dir__)
+  LINES = Integer(ENV.fetch("LINES", "200000"))
+  SHARDS = Integer(ENV.fetch("SHARDS", "16"))
+  WRITE_PATH_RECORDS = Integer(ENV.fetch("WRITE_PATH_RECORDS", "100000"))
+  WRITE_PATH_RUNS = Integer(ENV.fetch("WRITE_PATH_RUNS", "3"))
+  TIMEOUT = Integer(ENV.fetch("TIMEOUT", "600"))
+  MAX_CALL_BYTES = 5 * 1024 * 1024
+  ANCHOR_DEFAULT = ["/opt/fluent-plugin-kinesis/lib"] +
+                   %w[aws-sdk-core aws-sdk-kinesis aws-sigv4 aws-partitions aws-eventstream].map { |g| "/opt/aws-sdk-ruby/gems/#{g}/lib" }
+  OUR_IMPLEMENTATION = /kinesis_streams_aggregated is (fluent-plugin-kinesis-rs [^\s]+)/
+
+  module_function
+
+  # [ruby + fluentd bin, load path dirs]
+  def fluentd
+    dirs = if ENV["FLUENTD_LIB"] then ENV["FLUENTD_LIB"].split(File::PATH_SEPARATOR).reject(&:empty?)
+           elsif %w[/opt/serverengine/lib /opt/fluentd/lib].all? { |d| File.directory?(d) } then %w[/opt/serverengine/lib /opt/fluentd/lib]
+           else []
+           end
+    lib = dirs.find { |d| File.exist?(File.join(d, "fluent", "engine.rb")) }
+    bin = lib && File.expand_path("../bin/fluentd", lib)
+    return [[RbConfig.ruby, bin], dirs] if bin && File.exist?(bin)
+
+    [[RbConfig.ruby, Gem.bin_path("fluentd", "fluentd")], []]
+  rescue Gem::Exception
+    abort "bench: fluentd not found: set FLUENTD_LIB=<serverengine>/lib:<fluentd>/lib or install the fluentd gem"
+  end
+
+  # [load path dirs, nil] or [nil, why the anchor cannot run]
+  def anchor_lib(fluentd_dirs)
+    dirs = ENV["ANCHOR_LIB"] ? ENV["ANCHOR_LIB"].split(File::PATH_SEPARATOR).reject(&:empty?) : ANCHOR_DEFAULT.select { |d| File.directory?(d) }
+    source = ENV["ANCHOR_LIB"] ? "ANCHOR_LIB=#{ENV["ANCHOR_LIB"]}" : "the default #{ANCHOR_DEFAULT.first} (+ /opt/aws-sdk-ruby/gems/*/lib)"
+    return [nil, "#{source}: no such directories"] if dirs.empty?
+
+    probe = 'require "fluent/plugin/out_kinesis_streams_aggregated"; require "aws-sdk-kinesis"; ' \
+            'abort "another kinesis_streams_aggregated comes first on the path" unless defined?(FluentPluginKinesis::VERSION); ' \
+            'print FluentPluginKinesis::VERSION, " (aws-sdk-core ", Aws::CORE_GEM_VERSION, ", aws-sdk-kinesis ", Aws::Kinesis::GEM_VERSION, ")"'
+    out, err, status = Open3.capture3({ "RUBYLIB" => (dirs + fluentd_dirs).join(File::PATH_SEPARATOR) }, RbConfig.ruby, "-e", probe)
+    unless status.success?
+      why = err.lines.grep(/Error|error|abort/).first.to_s.sub(/\A.*?:in `[^']*': /, "").strip
+      return [nil, "#{source} does not load (#{why.empty? ? err.strip : why})"]
+    end
+
+    [dirs, out]
+  end
+
+  def free_port
+    server = TCPServer.new("127.0.0.1", 0)
+    server.addr[1]
+  ensure
+    server&.close
+  end
+
+  def proc_cpu_seconds(pid)
+    fields = File.read("/proc/#{pid}/stat").sub(/\A.*\) /m, "").split
+    # After "pid (comm) ": state is field 3, utime field 14, stime field 15.
+    (fields[11].to_i + fields[12].to_i).to_f / Etc.sysconf(Etc::SC_CLK_TCK)
+  end
+
+  def vm_hwm_kib(pid)
+    File.read("/proc/#{pid}/status")[/^VmHWM:\s+(\d+) kB/, 1].to_i
+  end
+
+  def now
+    Process.clock_gettime(Process::CLOCK_REALTIME)
+  end
+
+  def http_json(url)
+    JSON.parse(Net::HTTP.get(URI(url)))
+  end
+
+  def fmt(value, digits = 0)
+    return "-" if value.nil?
+    return value if value.is_a?(String)
+
+    s = format("%.#{digits}f", value)
+    int, frac = s.split(".")
+    int = int.reverse.scan(/\d{1,3}/).join(",").reverse.prepend(int.start_with?("-") ? "-" : "")
+    frac ? "#{int}.#{frac}" : int
+  end
+
+  def table(title, columns, rows)
+    puts
+    puts "== #{title}"
+    width = [rows.map { |r| r[0].size }.max, 10].max
+    puts "#{" " * width}  #{columns.map { |c| c.rjust(16) }.join(" ")}"
+    rows.each { |label, *cells| puts "#{label.ljust(width)}  #{cells.map { |c| fmt(c).rjust(16) }.join(" ")}" }
+  end
+end
+
+# The Kinesis side: kinesalite and the counting proxy in front of it.
+class BenchKinesis
+  attr_reader :kinesis, :endpoint
+
+  def initialize
+    @kinesis = LocalKinesis.new
+    @proxy_in, @proxy_out, @proxy_wait = Open3.popen2(RbConfig.ruby, File.join(__dir__, "counting_proxy.rb"), @kinesis.endpoint)
+    line = @proxy_out.gets or abort "bench: the counting proxy did not start"
+    @endpoint = "http://127.0.0.1:#{JSON.parse(line).fetch("port")}"
+  end
+
+  def stats(stream)
+    all = Bench.http_json("#{@endpoint}/__bench/stats")
+    all["streams"].fetch(stream, {})
+  end
+
+  def stop
+    @proxy_in.close unless @proxy_in.closed?
+    @proxy_wait.join(5)
+    @kinesis.stop
+  end
+
+  # {"read", "unique", "duplicates", "missing", "kinesis_records", "kcl_dropped"}
+  def read_back(stream, expected)
+    got = @kinesis.read(stream)
+    numbers = got["records"].map { |r| BenchApacheLog.number(r["data"]) }
+    unique = numbers.compact.uniq
+    { "read" => numbers.size, "unique" => unique.size, "duplicates" => numbers.size - unique.size,
+      "missing" => expected - (unique & (0...expected).to_a).size, "kinesis_records" => got["kinesis_records"],
+      "kcl_dropped" => got["kcl_dropped_aggregates"] }
+  end
+end
+
+# One fluentd process: in_tail (apache2) -> the given <match> body.
+class FluentdRun
+  attr_reader :name, :result
+
+  def initialize(name, match_body, load_path, command, bench_kinesis, log_text)
+    @name = name
+    @match_body = match_body
+    @load_path = load_path
+    @command = command
+    @bk = bench_kinesis
+    @log_text = log_text
+    @dir = Dir.mktmpdir("bench-#{name}")
+    @result = { "name" => name }
+  end
+
+  def config(monitor_port)
+    <<~CONF
+      <source>
+        @type tail
+        path #{@dir}/access.log
+        pos_file #{@dir}/access.log.pos
+        tag apache.access
+        read_from_head true
+        <parse>
+          @type apache2
+        </parse>
+      </source>
+      <source>
+        @type monitor_agent
+        bind 127.0.0.1
+        port #{monitor_port}
+      </source>
+      <match apache.access>
+        #{@match_body.gsub("\n", "\n  ")}
+      </match>
+    CONF
+  end
+
+  # Runs it; `done` is called with nothing and returns the delivery time once complete, or nil.
+  def run(stream: nil)
+    monitor_port = Bench.free_port
+    File.write(File.join(@dir, "access.log"), "")
+    File.write(File.join(@dir, "fluent.conf"), config(monitor_port))
+    @log = File.join(@dir, "fluentd.log")
+    env = { "RUBYLIB" => @load_path.join(File::PATH_SEPARATOR) }
+    @pid = Process.spawn(env, *@command, "-c", File.join(@dir, "fluent.conf"), "--no-supervisor", "-o", @log,
+                         pgroup: true, out: File::NULL, err: [@log + ".stderr", "w"])
+    wait_until_running
+    @result["implementation"] = File.read(@log)[Bench::OUR_IMPLEMENTATION, 1]
+    cpu0 = Bench.proc_cpu_seconds(@pid)
+    t0 = Bench.now
+    File.open(File.join(@dir, "access.log"), "a") { |f| f.write(@log_text) }
+    finished_at = wait_for_completion(stream)
+    cpu1 = Bench.proc_cpu_seconds(@pid)
+    @result["complete"] = !finished_at.nil?
+    @result["seconds"] = (finished_at || Bench.now) - t0
+    @result["cpu_s"] = cpu1 - cpu0
+    @result["vm_hwm_kib"] = Bench.vm_hwm_kib(@pid)
+    @result["monitor"] = Bench.http_json("http://127.0.0.1:#{monitor_port}/api/plugins.json")["plugins"]
+                              .find { |p| p["plugin_category"] == "output" }
+    @result
+  ensure
+    stop
+  end
+
+  def log_tail
+    File.exist?(@log.to_s) ? File.read(@log)[-3000..] || File.read(@log) : "(no log)"
+  end
+
+  def cleanup
+    FileUtils.rm_rf(@dir) unless ENV["KEEP"]
+  end
+
+  private
+
+  def wait_until_running
+    deadline = Time.now + 120
+    until File.exist?(@log) && File.read(@log).include?("fluentd worker is now running")
+      if Process.wait(@pid, Process::WNOHANG)
+        @pid = nil
+        raise "fluentd (#{@name}) exited during startup:\n#{log_tail}\n#{File.read(@log + ".stderr") rescue ""}"
+      end
+      raise "fluentd (#{@name}) did not start within 120 s:\n#{log_tail}" if Time.now > deadline
+
+      sleep 0.1
+    end
+  end
+
+  def read_position
+    line = File.read(File.join(@dir, "access.log.pos")).lines.find { |l| l.start_with?(File.join(@dir, "access.log") + "\t") }
+    line ? line.split("\t")[1].to_i(16) : 0
+  rescue Errno::ENOENT
+    0
+  end
+
+  # The time the last line was delivered (stream) or read (floor); nil on timeout.
+  def wait_for_completion(stream)
+    deadline = Bench.now + Bench::TIMEOUT
+    loop do
+      if stream
+        s = @bk.stats(stream)
+        return s["last_ok_at"] if s["user_records_ok"].to_i >= Bench::LINES
+      elsif read_position >= @log_text.bytesize
+        return Bench.now
+      end
+      return nil if Bench.now > deadline
+      if Process.wait(@pid, Process::WNOHANG)
+        @pid = nil
+        raise "fluentd (#{@name}) exited before it was done:\n#{log_tail}"
+      end
+
+      sleep 0.1
+    end
+  end
+
+  def stop
+    return unless @pid
+
+    Process.kill("TERM", @pid)
+    Process.wait(@pid)
+  rescue Errno::ESRCH, Errno::ECHILD
+    nil
+  ensure
+    @pid = nil
+  end
+end
+
+def kinesis_match(stream, endpoint)
+  <<~MATCH.chomp
+    @type kinesis_streams_aggregated
+    stream_name #{stream}
+    region ap-northeast-1
+    endpoint #{endpoint}
+    aws_key_id AKIDBENCH
+    aws_sec_key bench-secret
+    <buffer>
+      flush_interval 1s
+    </buffer>
+  MATCH
+end
+
+def write_path(name, load_path, bench_kinesis, run)
+  stream = bench_kinesis.kinesis.create_stream("bench-write-path-#{name}-#{run}", Bench::SHARDS)
+  out, status = Open3.capture2({ "RUBYLIB" => load_path.join(File::PATH_SEPARATOR) }, RbConfig.ruby,
+                               File.join(__dir__, "write_path.rb"), bench_kinesis.endpoint, stream, Bench::WRITE_PATH_RECORDS.to_s)
+  raise "bench/write_path.rb (#{name}) failed: #{status}" unless status.success?
+
+  result = JSON.parse(out.lines.last)
+  result["wire"] = bench_kinesis.stats(stream)
+  result["expected_back"] = result["records"] + result["warmup_records"]
+  result["read_back"] = bench_kinesis.read_back(stream, result["expected_back"])
+  result
+end
+
+def per_call(wire, key)
+  wire["calls"].to_i.positive? ? wire[key].to_f / wire["calls"] : nil
+end
+
+def main
+  command, fluentd_dirs = Bench.fluentd
+  ours_lib = [File.join(Bench::ROOT, "lib")] + fluentd_dirs
+  anchor_dirs, anchor_info = Bench.anchor_lib(fluentd_dirs)
+  cores = Etc.nprocessors
+  puts "bench: #{Bench::LINES} lines, #{Bench::SHARDS} shards per stream, #{cores} CPU(s), load average #{File.read("/proc/loadavg").split.first(3).join(" ")}"
+  puts "bench: fluentd #{fluentd_dirs.empty? ? "gem" : fluentd_dirs.join(":")}, #{RUBY_DESCRIPTION}"
+  if anchor_dirs
+    puts "bench: anchor fluent-plugin-kinesis #{anchor_info} from #{anchor_dirs.first} (+#{anchor_dirs.size - 1} dirs)"
+  else
+    puts "bench: (b) anchor SKIPPED: #{anchor_info}; see the top of bench/compare.rb for ANCHOR_LIB"
+  end
+
+  bk = BenchKinesis.new
+  puts "bench: kinesalite #{bk.kinesis.endpoint}, counting proxy #{bk.endpoint}"
+  log_text = BenchApacheLog.text(Bench::LINES)
+  puts "bench: log #{Bench.fmt(log_text.bytesize / 1e6, 1)} MB (#{Bench.fmt(log_text.bytesize.to_f / Bench::LINES)} bytes a line)"
+
+  runs = []
+  floor = FluentdRun.new("floor", "@type null", fluentd_dirs, command, bk, log_text)
+  runs << ["floor", floor.run, nil]
+  floor.cleanup
+  plugins = []
+  plugins << ["anchor", anchor_dirs + fluentd_dirs] if anchor_dirs
+  plugins << ["ours", ours_lib]
+  plugins.each do |name, load_path|
+    stream = bk.kinesis.create_stream("bench-#{name}", Bench::SHARDS)
+    run = FluentdRun.new(name, kinesis_match(stream, bk.endpoint), load_path, command, bk, log_text)
+    result = run.run(stream: stream)
+    if name == "ours" && result["implementation"].nil?
+      abort "bench: the 'ours' fluentd did not log our implementation line; check #{ours_lib.first}:\n#{run.log_tail}"
+    elsif name == "anchor" && result["implementation"]
+      abort "bench: the 'anchor' fluentd loaded #{result["implementation"]} instead of fluent-plugin-kinesis"
+    end
+    warn "bench: #{name} did not deliver every line within #{Bench::TIMEOUT} s; fluentd log tail:\n#{run.log_tail}" unless result["complete"]
+    result["wire"] = bk.stats(stream)
+    result["read_back"] = bk.read_back(stream, Bench::LINES)
+    runs << [name, result, stream]
+    run.cleanup
+  end
+
+  report_fluentd(runs)
+
+  candidates = Hash.new { |h, k| h[k] = [] }
+  Bench::WRITE_PATH_RUNS.times do |i|
+    candidates["anchor"] << write_path("anchor", anchor_dirs + fluentd_dirs, bk, i) if anchor_dirs
+    candidates["ours"] << write_path("ours", ours_lib, bk, i)
+  end
+  paths = candidates.map do |name, results|
+    best = results.min_by { |r| r["emit_cpu_s"] + r["write_cpu_s"] }
+    best["all_totals_us"] = results.map { |r| (r["emit_cpu_s"] + r["write_cpu_s"]) * 1e6 / r["records"] }
+    best["all_read_back"] = results.map { |r| [r["read_back"], r["expected_back"]] }
+    [name, best]
+  end
+  report_write_path(paths)
+  report_goals(runs, paths)
+ensure
+  bk&.stop
+end
+
+def report_fluentd(runs)
+  floor = runs.first[1]
+  columns = runs.map(&:first)
+  rows = []
+  rows << ["records/s", *runs.map { |_, r, _| Bench::LINES / r["seconds"] }]
+  rows << ["seconds (log appended -> last delivered)", *runs.map { |_, r, _| Bench.fmt(r["seconds"], 2) }]
+  rows << ["fluentd CPU s", *runs.map { |_, r, _| Bench.fmt(r["cpu_s"], 2) }]
+  rows << ["CPU s per M records", *runs.map { |_, r, _| Bench.fmt(r["cpu_s"] * 1e6 / Bench::LINES, 2) }]
+  rows << ["CPU s per M records above floor", *runs.map { |n, r, _| n == "floor" ? "-" : Bench.fmt((r["cpu_s"] - floor["cpu_s"]) * 1e6 / Bench::LINES, 2) }]
+  rows << ["peak RSS MiB (VmHWM)", *runs.map { |_, r, _| Bench.fmt(r["vm_hwm_kib"] / 1024.0, 1) }]
+  wire = ->(key) { runs.map { |_, r, _| r["wire"] ? r["wire"][key] : "-" } }
+  rows << ["PutRecords calls", *wire.("calls")]
+  rows << ["Kinesis records (entries)", *wire.("entries")]
+  rows << ["user records per call", *runs.map { |_, r, _| r["wire"] ? Bench.fmt(per_call(r["wire"], "user_records"), 1) : "-" }]
+  rows << ["entries per call", *runs.map { |_, r, _| r["wire"] ? Bench.fmt(per_call(r["wire"], "entries"), 2) : "-" }]
+  rows << ["bytes per call", *runs.map { |_, r, _| r["wire"] ? per_call(r["wire"], "bytes") : "-" }]
+  rows << ["call fullness (bytes/5 MiB)", *runs.map { |_, r, _| r["wire"] ? Bench.fmt(100 * per_call(r["wire"], "bytes") / Bench::MAX_CALL_BYTES, 1) + " %" : "-" }]
+  rows << ["calls >= 95% full", *runs.map { |_, r, _| r["wire"] ? "#{r["wire"]["full_calls"]} of #{r["wire"]["calls"]}" : "-" }]
+  rows << ["largest call bytes", *wire.("max_call_bytes")]
+  rows << ["PUT payload units (25 KB)", *wire.("payload_units")]
+  rows << ["failed entries / HTTP errors", *runs.map { |_, r, _| r["wire"] ? "#{r["wire"]["failed_entries"]} / #{r["wire"]["http_errors"]}" : "-" }]
+  rows << ["user records delivered (wire)", *wire.("user_records_ok")]
+  rows << ["records read back / sent", *runs.map { |_, r, _| r["read_back"] ? "#{r["read_back"]["unique"]} / #{Bench::LINES}" : "-" }]
+  rows << ["  duplicates, missing, KCL-dropped", *runs.map { |_, r, _| r["read_back"] ? "#{r["read_back"]["duplicates"]}, #{r["read_back"]["missing"]}, #{r["read_back"]["kcl_dropped"]}" : "-" }]
+  Bench.table("fluentd in_tail (apache2) -> output, #{Bench.fmt(Bench::LINES)} lines, one process each", columns, rows)
+
+  ours = runs.find { |n, _, _| n == "ours" }&.[](1)
+  return unless ours && ours["monitor"]
+
+  m = ours["monitor"]
+  w = ours["wire"]
+  puts "ours, its own counters (monitor_agent): requests #{m["kinesis_requests"]}, kinesis_records #{m["kinesis_kinesis_records"]}, " \
+       "delivered #{m["kinesis_delivered"]}, bytes #{m["kinesis_bytes_delivered"]}, payload units #{m["kinesis_put_payload_units"]}, " \
+       "retried #{m["kinesis_retried_entries"]}, rate limiter waited #{m["kinesis_rate_limited_ms"]} ms, fluentd write_count #{m["write_count"]}"
+  same = [m["kinesis_requests"], m["kinesis_kinesis_records"], m["kinesis_bytes_delivered"], m["kinesis_put_payload_units"]] ==
+         [w["calls"], w["entries"], w["bytes"], w["payload_units"]]
+  puts same ? "ours, own counters agree with the proxy (calls, entries, bytes, payload units)" : "ours, own counters DIFFER from the proxy's"
+end
+
+def report_write_path(paths)
+  n = Bench::WRITE_PATH_RECORDS
+  us = ->(r, key) { r[key] * 1e6 / n }
+  columns = paths.map(&:first)
+  columns << "anchor/ours" if paths.size == 2
+  ratio = ->(values) { paths.size == 2 && values[1].positive? ? "#{Bench.fmt(values[0] / values[1], 1)}x" : nil }
+  row = lambda do |label, values, digits = 2|
+    [label, *values.map { |v| Bench.fmt(v, digits) }, *ratio.(values)].compact
+  end
+  rows = []
+  rows << row.("emit/format CPU µs per record", paths.map { |_, r| us.(r, "emit_cpu_s") })
+  rows << row.("write CPU µs per record", paths.map { |_, r| us.(r, "write_cpu_s") })
+  rows << row.("total CPU µs per record", paths.map { |_, r| (r["emit_cpu_s"] + r["write_cpu_s"]) * 1e6 / n })
+  rows << ["  every run's total", *paths.map { |_, r| r["all_totals_us"].map { |t| Bench.fmt(t, 1) }.join(" ") }]
+  rows << ["(events' construction, not counted)", *paths.map { |_, r| Bench.fmt(us.(r, "unpack_cpu_s"), 2) }]
+  rows << row.("write wall s", paths.map { |_, r| r["write_wall_s"] })
+  rows << row.("Ruby objects allocated per record", paths.map { |_, r| (r["emit_allocated_objects"] + r["write_allocated_objects"]).to_f / n }, 1)
+  rows << ["GC runs (emit + write)", *paths.map { |_, r| "#{r["emit_gc_runs"]} + #{r["write_gc_runs"]}" }]
+  rows << ["fluentd write calls (chunks)", *paths.map { |_, r| r["write_count"] }]
+  rows << ["PutRecords calls", *paths.map { |_, r| r["wire"]["calls"] }]
+  rows << ["call fullness (bytes/5 MiB)", *paths.map { |_, r| Bench.fmt(100 * per_call(r["wire"], "bytes") / Bench::MAX_CALL_BYTES, 1) + " %" }]
+  rows << ["records read back / sent", *paths.map { |_, r| "#{r["read_back"]["unique"]} / #{r["expected_back"]}" }]
+  Bench.table("write path only: fluentd test driver, #{Bench.fmt(n)} apache2 records, default memory buffer, " \
+              "least-CPU of #{Bench::WRITE_PATH_RUNS} run(s)", columns, rows)
+  puts "(after a warm-up of 1,000 records: emit/format = feeding event streams of 1,000 with #write held back; " \
+       "write = flushing every chunk; process CPU clock, all threads; PutRecords and read-back include the warm-up)"
+end
+
+def report_goals(runs, paths)
+  puts
+  puts "== goals"
+  anchor = paths.find { |n, _| n == "anchor" }&.[](1)
+  ours = paths.find { |n, _| n == "ours" }[1]
+  total = ->(r) { r["emit_cpu_s"] + r["write_cpu_s"] }
+  if anchor
+    ratio = total.(anchor) / total.(ours)
+    write_ratio = anchor["write_cpu_s"] / ours["write_cpu_s"]
+    puts "write-path CPU per record, ours <= 1/20 of the anchor's: total #{Bench.fmt(ratio, 1)}x less " \
+         "(#{ratio >= 20 ? "MET" : "NOT MET"}); write phase alone #{Bench.fmt(write_ratio, 1)}x less"
+  else
+    puts "write-path CPU ratio: not measured (anchor skipped)"
+  end
+  ours_run = runs.find { |n, _, _| n == "ours" }[1]
+  fullness = per_call(ours_run["wire"], "bytes") / Bench::MAX_CALL_BYTES
+  puts "PutRecords calls >= 95% full (ours, fluentd run): #{Bench.fmt(100 * fullness, 1)} % on average, " \
+       "#{ours_run["wire"]["full_calls"]} of #{ours_run["wire"]["calls"]} calls >= 95% (#{fullness >= 0.95 ? "MET" : "NOT MET"})"
+  all_back = runs.reject { |n, _, _| n == "floor" }.map { |n, r, _| [n, r["read_back"], Bench::LINES] } +
+             paths.flat_map { |n, r| r["all_read_back"].each_with_index.map { |(rb, expected), i| ["#{n} write path, run #{i + 1}", rb, expected] } }
+  all_back.each do |name, rb, expected|
+    ok = rb["unique"] == expected && rb["duplicates"].zero? && rb["kcl_dropped"].zero?
+    puts "every record read back once (#{name}): #{rb["unique"]} of #{expected}, #{rb["duplicates"]} duplicates, " \
+         "#{rb["kcl_dropped"]} KCL-dropped aggregates (#{ok ? "MET" : "NOT MET"})"
+  end
+end
+
+main if $PROGRAM_NAME == __FILE__

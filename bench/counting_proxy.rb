@@ -1,0 +1,215 @@
+# frozen_string_literal: true
+
+# A counting HTTP proxy in front of a local Kinesis, so that both plugins' PutRecords traffic
+# is measured the same way, on the wire, outside the measured processes.
+#
+#   ruby bench/counting_proxy.rb http://127.0.0.1:UPSTREAM_PORT
+#
+# Listens on 127.0.0.1 (a free port), prints {"port": N, "pid": P} on stdout, and exits when its
+# stdin closes. Every request is forwarded unchanged over one upstream connection per client
+# connection. For PutRecords (X-Amz-Target Kinesis_20131202.PutRecords, JSON body) it counts,
+# per stream: calls, entries, bytes (data + partition key, as Kinesis counts them), PUT payload
+# units (25 KB per entry, rounded up), user records inside KPL aggregates, failed entries from
+# the response, and the time of the last successful entry.
+#
+#   GET /__bench/stats   the counters as JSON (this path never goes upstream)
+
+require "socket"
+require "json"
+require "uri"
+
+class CountingProxy
+  PUT_RECORDS = "Kinesis_20131202.PutRecords"
+  KPL_MAGIC = "\xF3\x89\x9A\xC2".b
+  PAYLOAD_UNIT = 25 * 1024
+  MAX_CALL_BYTES = 5 * 1024 * 1024
+  FULL_CALL = 0.95
+
+  def initialize(upstream)
+    uri = URI(upstream)
+    @upstream_host = uri.host
+    @upstream_port = uri.port
+    @lock = Mutex.new
+    @streams = Hash.new { |h, k| h[k] = new_stream_stats }
+    @targets = Hash.new(0)
+  end
+
+  def run
+    server = TCPServer.new("127.0.0.1", 0)
+    $stdout.puts JSON.generate("port" => server.addr[1], "pid" => Process.pid)
+    $stdout.flush
+    Thread.new do
+      $stdin.read
+      exit!(0)
+    end
+    loop do
+      client = server.accept
+      client.setsockopt(Socket::IPPROTO_TCP, Socket::TCP_NODELAY, 1)
+      Thread.new(client) { |c| serve(c) }
+    end
+  end
+
+  private
+
+  def new_stream_stats
+    { "calls" => 0, "entries" => 0, "bytes" => 0, "payload_units" => 0, "user_records" => 0,
+      "user_records_ok" => 0, "failed_entries" => 0, "http_errors" => 0, "full_calls" => 0,
+      "max_call_bytes" => 0, "first_call_at" => nil, "last_ok_at" => nil }
+  end
+
+  def serve(client)
+    upstream = nil
+    loop do
+      request = read_message(client, request: true) or break
+      if request[:start].start_with?("GET /__bench/stats")
+        body = @lock.synchronize { JSON.generate("streams" => @streams, "targets" => @targets) }
+        client.write("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: #{body.bytesize}\r\n\r\n#{body}")
+        next
+      end
+      upstream ||= TCPSocket.new(@upstream_host, @upstream_port).tap { |s| s.setsockopt(Socket::IPPROTO_TCP, Socket::TCP_NODELAY, 1) }
+      upstream.write(request[:raw])
+      response = read_message(upstream, request: false) or raise "upstream closed the connection"
+      client.write(response[:raw])
+      account(request, response)
+      if close?(request) || close?(response)
+        upstream.close
+        upstream = nil
+        break if close?(request)
+      end
+    end
+  rescue IOError, SystemCallError => e
+    warn "counting_proxy: connection ended: #{e.class}: #{e.message}" unless e.is_a?(EOFError)
+  ensure
+    client.close unless client.closed?
+    upstream&.close
+  end
+
+  # One HTTP/1.1 message: {start:, headers: {lowercase name => value}, body:, raw:} or nil at
+  # EOF. Bodies by Content-Length or chunked (forwarded as received, decoded for counting).
+  def read_message(io, request:)
+    start = io.gets("\r\n") or return nil
+    head = +start
+    headers = {}
+    while (line = io.gets("\r\n"))
+      head << line
+      break if line == "\r\n"
+
+      name, value = line.split(":", 2)
+      headers[name.strip.downcase] = value.to_s.strip
+    end
+    if request && headers["expect"]&.casecmp?("100-continue")
+      io.write("HTTP/1.1 100 Continue\r\n\r\n")
+      head = head.sub(/^expect:[^\r]*\r\n/i, "")
+    end
+    body = +"".b
+    raw = head.b
+    if headers["transfer-encoding"]&.include?("chunked")
+      loop do
+        size_line = io.gets("\r\n") or raise EOFError
+        raw << size_line
+        size = size_line.to_i(16)
+        if size.zero?
+          while (trailer = io.gets("\r\n"))
+            raw << trailer
+            break if trailer == "\r\n"
+          end
+          break
+        end
+        chunk = io.read(size + 2)
+        raw << chunk
+        body << chunk.byteslice(0, size)
+      end
+    elsif headers["content-length"]
+      body = io.read(headers["content-length"].to_i)
+      raw << body
+    elsif !request && !start.match?(%r{\AHTTP/1\.\d (1\d\d|204|304) })
+      body = io.read
+      raw << body
+      headers["connection"] = "close"
+    end
+    { start: start, headers: headers, body: body, raw: raw }
+  end
+
+  def close?(message)
+    message[:headers]["connection"]&.casecmp?("close")
+  end
+
+  def account(request, response)
+    target = request[:headers]["x-amz-target"].to_s
+    @lock.synchronize { @targets[target] += 1 }
+    return unless target == PUT_RECORDS
+
+    req = JSON.parse(request[:body])
+    stream = req["StreamName"] || req["StreamARN"].to_s.split("/").last
+    entries = req["Records"].map do |r|
+      data = r["Data"].unpack1("m0")
+      [data.bytesize + r["PartitionKey"].bytesize, user_records(data)]
+    end
+    ok = response[:start].include?(" 200 ")
+    results = ok ? JSON.parse(response[:body])["Records"] : []
+    now = Process.clock_gettime(Process::CLOCK_REALTIME)
+    @lock.synchronize do
+      s = @streams[stream]
+      call_bytes = entries.sum(&:first)
+      s["calls"] += 1
+      s["entries"] += entries.size
+      s["bytes"] += call_bytes
+      s["payload_units"] += entries.sum { |bytes, _| (bytes + PAYLOAD_UNIT - 1) / PAYLOAD_UNIT }
+      s["user_records"] += entries.sum(&:last)
+      s["full_calls"] += 1 if call_bytes >= FULL_CALL * MAX_CALL_BYTES
+      s["max_call_bytes"] = call_bytes if call_bytes > s["max_call_bytes"]
+      s["first_call_at"] ||= now
+      unless ok
+        s["http_errors"] += 1
+        next
+      end
+      delivered = 0
+      entries.each_with_index do |(_, users), i|
+        if results[i].nil? || results[i]["ErrorCode"]
+          s["failed_entries"] += 1
+        else
+          delivered += users
+        end
+      end
+      s["user_records_ok"] += delivered
+      s["last_ok_at"] = now if delivered.positive?
+    end
+  end
+
+  # User records in one Kinesis record: the number of `records` (field 3) of a KPL aggregate,
+  # found by walking the protobuf's top level; 1 for anything that is not an aggregate.
+  def user_records(data)
+    return 1 unless data.bytesize > 20 && data.byteslice(0, 4) == KPL_MAGIC
+
+    pos = 4
+    stop = data.bytesize - 16
+    count = 0
+    while pos < stop
+      tag, pos = varint(data, pos)
+      case tag & 7
+      when 0 then _, pos = varint(data, pos)
+      when 2
+        len, pos = varint(data, pos)
+        pos += len
+        count += 1 if tag >> 3 == 3
+      else return 1 # not a KPL aggregate after all
+      end
+    end
+    count
+  end
+
+  def varint(data, pos)
+    value = 0
+    shift = 0
+    loop do
+      byte = data.getbyte(pos)
+      pos += 1
+      value |= (byte & 0x7f) << shift
+      return [value, pos] if byte < 0x80
+
+      shift += 7
+    end
+  end
+end
+
+CountingProxy.new(ARGV.fetch(0)).run if $PROGRAM_NAME == __FILE__

@@ -1,0 +1,162 @@
+# frozen_string_literal: true
+
+# The write path alone, through fluentd's test driver (Fluent::Test::Driver::Output), for
+# whichever `kinesis_streams_aggregated` the load path provides (run by bench/compare.rb once
+# per plugin, each in its own process with its own RUBYLIB):
+#
+#   ruby bench/write_path.rb ENDPOINT STREAM RECORDS
+#
+# The events are the apache2 parser's records of RECORDS bench lines, fed as in_tail emits them
+# (event streams of 1,000) into the plugin's default memory buffer. First a warm-up of WARMUP
+# more events (first-call costs: SDK clients, connections, shard maps) is fed and flushed, then
+# two measured phases, each timed with the process CPU clock (every thread, the extension's
+# included):
+#   emit   feeding the events: the plugin's #format (if it has one) and buffering. #write is
+#          held at a gate meanwhile, so no delivery overlaps this phase (the events' own
+#          construction is measured apart and not counted, see below);
+#   write  gate opened and the buffer flushed: fluentd's flush machinery and the plugin's
+#          #write, until every chunk is written.
+# Prints one JSON line with the results on stdout.
+#
+# STACKPROF_OUT=/tmp/wp samples both phases with stackprof (cpu mode, if it is installed) into
+# /tmp/wp-emit.dump and /tmp/wp-write.dump (`stackprof --text FILE`); the CPU numbers then
+# include the profiler's overhead. For the extension's own frames, run this under
+# `perf record -g` with a build that keeps its symbols.
+
+require "json"
+require "fluent/test"
+require "fluent/test/driver/output"
+require "fluent/plugin/parser_apache2"
+require_relative "apache_log"
+
+Test::Unit::AutoRunner.need_auto_run = false
+
+endpoint, stream, count = ARGV
+count = Integer(count)
+WARMUP = 1000
+
+# The driver keeps every #format result for assertions; a benchmark must not.
+class BenchOutputDriver < Fluent::Test::Driver::Output
+  def instance_hook_after_started; end
+end
+
+def cpu
+  Process.clock_gettime(Process::CLOCK_PROCESS_CPUTIME_ID)
+end
+
+def wall
+  Process.clock_gettime(Process::CLOCK_MONOTONIC)
+end
+
+PROFILE_OUT = ENV["STACKPROF_OUT"]
+require "stackprof" if PROFILE_OUT
+
+def phase(name, &block)
+  return block.call unless PROFILE_OUT
+
+  StackProf.run(mode: :cpu, interval: 500, raw: true, out: "#{PROFILE_OUT}-#{name}.dump", &block)
+end
+
+Fluent::Test.setup
+$log = Fluent::Log.new(ServerEngine::DaemonLogger.new($stderr, log_level: ServerEngine::DaemonLogger::WARN))
+
+parser = Fluent::Plugin.new_parser("apache2")
+parser.configure(Fluent::Config::Element.new("parse", "", {}, []))
+# The events wait packed, one string per event stream of 1,000, and each stream is unpacked into
+# the MultiEventStream in_tail would emit right before it is fed: 100k parsed events held live
+# would make every major GC mark some 700k objects a real fluentd never has. The unpacking is
+# timed on its own (a dry pass) and subtracted from the emit phase.
+packed_streams = lambda do |numbers|
+  numbers.each_slice(1000).map do |slice|
+    es = Fluent::MultiEventStream.new
+    slice.each { |i| parser.parse(BenchApacheLog.line(i)) { |time, record| es.add(time, record) } }
+    es.to_msgpack_stream.freeze
+  end
+end
+
+def unpack(data)
+  es = Fluent::MultiEventStream.new
+  Fluent::MessagePackFactory.msgpack_unpacker.feed_each(data) { |time, record| es.add(time, record) }
+  es
+end
+
+warmup = packed_streams.(count...count + WARMUP)
+slices = packed_streams.(0...count)
+
+klass = Fluent::Plugin.new_output("kinesis_streams_aggregated").class
+implementation = if defined?(FluentPluginKinesisRs::VERSION) then "fluent-plugin-kinesis-rs #{FluentPluginKinesisRs::VERSION}"
+                 elsif defined?(FluentPluginKinesis::VERSION) then "fluent-plugin-kinesis #{FluentPluginKinesis::VERSION}"
+                 else klass.name
+                 end
+
+driver = BenchOutputDriver.new(klass)
+driver.configure(<<~CONF)
+  stream_name #{stream}
+  region ap-northeast-1
+  endpoint #{endpoint}
+  aws_key_id AKIDBENCH
+  aws_sec_key bench-secret
+CONF
+plugin = driver.instance
+
+# #write waits while the gate (a queue) is open for pushing; closing it lets every write through.
+gates = [Queue.new, Queue.new]
+plugin.singleton_class.prepend(Module.new do
+  define_method(:write) do |chunk|
+    gates.find { |g| !g.closed? }&.pop
+    super(chunk)
+  end
+end)
+
+def settled?(plugin)
+  plugin.buffer.queue.empty? && plugin.buffer.stage.empty? &&
+    plugin.dequeued_chunks_mutex.synchronize { plugin.dequeued_chunks.empty? }
+end
+
+def flush_all(plugin, gate)
+  gate.close
+  plugin.force_flush
+  deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 600
+  sleep 0.01 until settled?(plugin) || Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+  raise "the buffer was not flushed within 600 s (retry state: #{plugin.retry.inspect})" unless settled?(plugin)
+end
+
+result = { "implementation" => implementation, "records" => count, "warmup_records" => WARMUP }
+driver.run(default_tag: "apache.access", flush: false, shutdown: false, timeout: 3600) do
+  warmup.each { |data| driver.feed(unpack(data)) }
+  flush_all(plugin, gates[0])
+  writes0 = plugin.write_count
+
+  GC.start
+  gc_dry = GC.stat
+  cpu_dry = cpu
+  slices.each { |data| unpack(data) }
+  unpack_cpu = cpu - cpu_dry
+  unpack_objects = GC.stat(:total_allocated_objects) - gc_dry[:total_allocated_objects]
+
+  GC.start
+  gc0 = GC.stat
+  cpu0 = cpu
+  wall0 = wall
+  phase("emit") { slices.each { |data| driver.feed(unpack(data)) } }
+  cpu1 = cpu
+  wall1 = wall
+  gc1 = GC.stat
+
+  phase("write") { flush_all(plugin, gates[1]) }
+  cpu2 = cpu
+  wall2 = wall
+  gc2 = GC.stat
+
+  result.merge!(
+    "emit_cpu_s" => cpu1 - cpu0 - unpack_cpu, "write_cpu_s" => cpu2 - cpu1, "unpack_cpu_s" => unpack_cpu,
+    "emit_wall_s" => wall1 - wall0, "write_wall_s" => wall2 - wall1,
+    "emit_gc_runs" => gc1[:count] - gc0[:count], "write_gc_runs" => gc2[:count] - gc1[:count],
+    "emit_allocated_objects" => gc1[:total_allocated_objects] - gc0[:total_allocated_objects] - unpack_objects,
+    "write_allocated_objects" => gc2[:total_allocated_objects] - gc1[:total_allocated_objects],
+    "write_count" => plugin.write_count - writes0, "num_errors" => plugin.num_errors,
+    "plugin_counters" => plugin.respond_to?(:kinesis_statistics) ? plugin.kinesis_statistics : nil
+  )
+end
+driver.instance_shutdown
+$stdout.puts JSON.generate(result)
