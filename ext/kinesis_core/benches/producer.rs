@@ -52,10 +52,25 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let k = support::Kinesalite::start();
     let shards = 4;
-    for (label, mode, keys) in [("random key per aggregate", KeyMode::RandomPerAggregate, None), ("partition_key per record (200 keys)", KeyMode::PerRecord, Some(200))] {
+    for (label, mode, keys) in [
+        (
+            "random key per aggregate",
+            KeyMode::RandomPerAggregate,
+            None,
+        ),
+        (
+            "partition_key per record (200 keys)",
+            KeyMode::PerRecord,
+            Some(200),
+        ),
+    ] {
         let n = 200_000;
         let mut batch = RecordBatch::default();
         for i in 0..n {
@@ -66,7 +81,11 @@ fn main() {
         let cfg = ProducerConfig {
             region: Some("us-east-1".into()),
             endpoint: Some(k.endpoint()),
-            credentials: Credentials::Static { access_key_id: "AKIDBENCH".into(), secret_access_key: "x".into(), session_token: None },
+            credentials: Credentials::Static {
+                access_key_id: "AKIDBENCH".into(),
+                secret_access_key: "x".into(),
+                session_token: None,
+            },
             key_mode: mode,
             rate_limit_percent: 0,
             ..ProducerConfig::default()
@@ -79,19 +98,47 @@ fn main() {
             let idx: Vec<u32> = (0..n as u32).collect();
             let cpu0 = cpu_seconds();
             let t0 = Instant::now();
-            let o = producer.put(&stream, &batch, &idx, std::future::pending::<()>()).await;
+            let o = producer
+                .put(&stream, &batch, &idx, std::future::pending::<()>())
+                .await;
             (o, t0.elapsed(), cpu_seconds() - cpu0)
         });
         assert!(o.all_delivered(), "{:?}", o.failures);
         let c = &o.counters;
         let min_units = payload.div_ceil(25 * 1024);
-        println!("== {label}: {n} user records, {:.1} MB payload, {shards} shards", payload as f64 / 1e6);
-        println!("  user records/s           {:>12.0}   (wall {:.2} s, bounded by the local server)", n as f64 / wall.as_secs_f64(), wall.as_secs_f64());
-        println!("  PutRecords calls         {:>12}   Kinesis records {}   aggregates {}", c.requests, c.kinesis_records, c.aggregates);
-        println!("  entries per call         {:>12.1}   of 500", c.kinesis_records as f64 / c.requests as f64);
-        println!("  bytes per call           {:>12.0}   {:.1}% of 5 MiB", c.bytes_delivered as f64 / c.requests as f64, 100.0 * c.bytes_delivered as f64 / c.requests as f64 / (5.0 * 1024.0 * 1024.0));
-        println!("  PUT payload units        {:>12}   minimum {} ({:.3}x)", c.put_payload_units, min_units, c.put_payload_units as f64 / min_units as f64);
-        println!("  producer CPU per record  {:>12.3} µs (total {:.2} s CPU)", cpu / n as f64 * 1e6, cpu);
+        println!(
+            "== {label}: {n} user records, {:.1} MB payload, {shards} shards",
+            payload as f64 / 1e6
+        );
+        println!(
+            "  user records/s           {:>12.0}   (wall {:.2} s, bounded by the local server)",
+            n as f64 / wall.as_secs_f64(),
+            wall.as_secs_f64()
+        );
+        println!(
+            "  PutRecords calls         {:>12}   Kinesis records {}   aggregates {}",
+            c.requests, c.kinesis_records, c.aggregates
+        );
+        println!(
+            "  entries per call         {:>12.1}   of 500",
+            c.kinesis_records as f64 / c.requests as f64
+        );
+        println!(
+            "  bytes per call           {:>12.0}   {:.1}% of 5 MiB",
+            c.bytes_delivered as f64 / c.requests as f64,
+            100.0 * c.bytes_delivered as f64 / c.requests as f64 / (5.0 * 1024.0 * 1024.0)
+        );
+        println!(
+            "  PUT payload units        {:>12}   minimum {} ({:.3}x)",
+            c.put_payload_units,
+            min_units,
+            c.put_payload_units as f64 / min_units as f64
+        );
+        println!(
+            "  producer CPU per record  {:>12.3} µs (total {:.2} s CPU)",
+            cpu / n as f64 * 1e6,
+            cpu
+        );
         let _ = Duration::ZERO;
     }
 }

@@ -26,7 +26,10 @@ pub struct RecordBatch {
 
 impl RecordBatch {
     pub fn with_capacity(records: usize, bytes: usize) -> Self {
-        RecordBatch { bytes: Vec::with_capacity(bytes), spans: Vec::with_capacity(records) }
+        RecordBatch {
+            bytes: Vec::with_capacity(bytes),
+            spans: Vec::with_capacity(records),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -38,7 +41,12 @@ impl RecordBatch {
     }
 
     /// Adds a record whose data is given.
-    pub fn push(&mut self, data: &[u8], partition_key: Option<&str>, explicit_hash_key: Option<u128>) {
+    pub fn push(
+        &mut self,
+        data: &[u8],
+        partition_key: Option<&str>,
+        explicit_hash_key: Option<u128>,
+    ) {
         let start = self.bytes.len();
         self.bytes.extend_from_slice(data);
         self.commit(start, partition_key, explicit_hash_key);
@@ -55,12 +63,23 @@ impl RecordBatch {
     }
 
     /// Makes the bytes written since `start` a record.
-    pub fn commit(&mut self, start: usize, partition_key: Option<&str>, explicit_hash_key: Option<u128>) {
+    pub fn commit(
+        &mut self,
+        start: usize,
+        partition_key: Option<&str>,
+        explicit_hash_key: Option<u128>,
+    ) {
         let data_end = self.bytes.len();
         if let Some(k) = partition_key {
             self.bytes.extend_from_slice(k.as_bytes());
         }
-        self.spans.push(Span { data_start: start, data_end, key_end: self.bytes.len(), has_key: partition_key.is_some(), explicit_hash_key });
+        self.spans.push(Span {
+            data_start: start,
+            data_end,
+            key_end: self.bytes.len(),
+            has_key: partition_key.is_some(),
+            explicit_hash_key,
+        });
     }
 
     /// Forgets the bytes written since `start`.
@@ -76,7 +95,8 @@ impl RecordBatch {
     pub fn partition_key(&self, i: usize) -> Option<&str> {
         let s = &self.spans[i];
         // Keys are only ever stored from &str, so they are valid UTF-8.
-        s.has_key.then(|| std::str::from_utf8(&self.bytes[s.data_end..s.key_end]).unwrap_or_default())
+        s.has_key
+            .then(|| std::str::from_utf8(&self.bytes[s.data_end..s.key_end]).unwrap_or_default())
     }
 
     pub fn explicit_hash_key(&self, i: usize) -> Option<u128> {
@@ -159,7 +179,11 @@ impl Planner<'_> {
             self.out.push(KinesisRecord {
                 data: self.batch.data(i).to_vec(),
                 partition_key: open.key.clone(),
-                explicit_hash_key: if per_record_keys { self.batch.explicit_hash_key(i) } else { None },
+                explicit_hash_key: if per_record_keys {
+                    self.batch.explicit_hash_key(i)
+                } else {
+                    None
+                },
                 shard: open.shard,
                 members,
                 lands_safely_anywhere: true,
@@ -168,9 +192,23 @@ impl Planner<'_> {
         }
         let data = open.builder.finish();
         self.out.push(if per_record_keys {
-            KinesisRecord { data, partition_key: AGGREGATE_PARTITION_KEY.to_string(), explicit_hash_key: Some(open.first_hash), shard: open.shard, members, lands_safely_anywhere: false }
+            KinesisRecord {
+                data,
+                partition_key: AGGREGATE_PARTITION_KEY.to_string(),
+                explicit_hash_key: Some(open.first_hash),
+                shard: open.shard,
+                members,
+                lands_safely_anywhere: false,
+            }
         } else {
-            KinesisRecord { data, partition_key: open.key.clone(), explicit_hash_key: None, shard: open.shard, members, lands_safely_anywhere: true }
+            KinesisRecord {
+                data,
+                partition_key: open.key.clone(),
+                explicit_hash_key: None,
+                shard: open.shard,
+                members,
+                lands_safely_anywhere: true,
+            }
         });
     }
 
@@ -183,7 +221,14 @@ impl Planner<'_> {
         } else if looks_aggregated(data) {
             self.refused.push(Refused { index: i, reason: "record starts with the KPL aggregate magic bytes and is too large to wrap in an aggregate; consumers would misread it if it were sent as it is".into() });
         } else {
-            self.out.push(KinesisRecord { data: data.to_vec(), partition_key: key.to_string(), explicit_hash_key: ehk, shard, members: vec![i], lands_safely_anywhere: true });
+            self.out.push(KinesisRecord {
+                data: data.to_vec(),
+                partition_key: key.to_string(),
+                explicit_hash_key: ehk,
+                shard,
+                members: vec![i],
+                lands_safely_anywhere: true,
+            });
         }
     }
 }
@@ -191,8 +236,20 @@ impl Planner<'_> {
 /// Groups user records into Kinesis records. With per-record keys, one aggregate at a time per
 /// (predicted shard, has explicit hash key): the consumer libraries misreport explicit hash keys
 /// in aggregates mixing records with and without one.
-pub fn plan(batch: &RecordBatch, indexes: &[u32], mode: &KeyMode, map: &ShardMap, limits: &PlanLimits) -> (Vec<KinesisRecord>, Vec<Refused>) {
-    let mut p = Planner { batch, map, limits, out: Vec::new(), refused: Vec::new() };
+pub fn plan(
+    batch: &RecordBatch,
+    indexes: &[u32],
+    mode: &KeyMode,
+    map: &ShardMap,
+    limits: &PlanLimits,
+) -> (Vec<KinesisRecord>, Vec<Refused>) {
+    let mut p = Planner {
+        batch,
+        map,
+        limits,
+        out: Vec::new(),
+        refused: Vec::new(),
+    };
     match mode {
         KeyMode::PerRecord => plan_per_record(&mut p, indexes),
         KeyMode::Fixed(key) => plan_shared_key(&mut p, indexes, || key.clone()),
@@ -204,7 +261,13 @@ pub fn plan(batch: &RecordBatch, indexes: &[u32], mode: &KeyMode, map: &ShardMap
 fn plan_shared_key(p: &mut Planner, indexes: &[u32], mut next_key: impl FnMut() -> String) {
     let new_open = |key: String, p: &Planner| {
         let hash = partition_key_hash(&key);
-        Open { builder: AggregateBuilder::new(p.limits.aggregation_max_bytes, key.len()), members: Vec::new(), first_hash: hash, shard: p.map.index_of(hash), key }
+        Open {
+            builder: AggregateBuilder::new(p.limits.aggregation_max_bytes, key.len()),
+            members: Vec::new(),
+            first_hash: hash,
+            shard: p.map.index_of(hash),
+            key,
+        }
     };
     let mut open = new_open(next_key(), p);
     for &i in indexes {
@@ -233,11 +296,17 @@ fn plan_per_record(p: &mut Planner, indexes: &[u32]) {
     let mut order: Vec<(usize, bool)> = Vec::new();
     for &i in indexes {
         let Some(key) = p.batch.partition_key(i as usize) else {
-            p.refused.push(Refused { index: i, reason: "record has no partition key".into() });
+            p.refused.push(Refused {
+                index: i,
+                reason: "record has no partition key".into(),
+            });
             continue;
         };
         if let Err(e) = validate_partition_key(key) {
-            p.refused.push(Refused { index: i, reason: e.to_string() });
+            p.refused.push(Refused {
+                index: i,
+                reason: e.to_string(),
+            });
             continue;
         }
         let ehk = p.batch.explicit_hash_key(i as usize);
@@ -246,7 +315,16 @@ fn plan_per_record(p: &mut Planner, indexes: &[u32]) {
         let slot = (shard, ehk.is_some());
         let o = open.entry(slot).or_insert_with(|| {
             order.push(slot);
-            Open { builder: AggregateBuilder::new(p.limits.aggregation_max_bytes, AGGREGATE_PARTITION_KEY.len()), members: Vec::new(), key: String::new(), first_hash: 0, shard }
+            Open {
+                builder: AggregateBuilder::new(
+                    p.limits.aggregation_max_bytes,
+                    AGGREGATE_PARTITION_KEY.len(),
+                ),
+                members: Vec::new(),
+                key: String::new(),
+                first_hash: 0,
+                shard,
+            }
         });
         let data = p.batch.data(i as usize);
         if o.members.is_empty() {
@@ -277,7 +355,11 @@ fn plan_per_record(p: &mut Planner, indexes: &[u32]) {
 
 /// Packs Kinesis records into PutRecords requests of at most `max_entries` records and
 /// `max_bytes` (data plus partition keys), in order, each as full as the limits allow.
-pub fn pack(records: Vec<KinesisRecord>, max_entries: usize, max_bytes: usize) -> Vec<Vec<KinesisRecord>> {
+pub fn pack(
+    records: Vec<KinesisRecord>,
+    max_entries: usize,
+    max_bytes: usize,
+) -> Vec<Vec<KinesisRecord>> {
     let mut requests = Vec::new();
     let mut current: Vec<KinesisRecord> = Vec::new();
     let mut bytes = 0;
@@ -304,12 +386,19 @@ mod tests {
 
     fn four_shards() -> ShardMap {
         let q = u128::MAX / 4;
-        let shards = (0..4u128).map(|i| Shard { id: format!("shardId-{i:012}"), start: i * q, end: if i == 3 { u128::MAX } else { (i + 1) * q - 1 } });
+        let shards = (0..4u128).map(|i| Shard {
+            id: format!("shardId-{i:012}"),
+            start: i * q,
+            end: if i == 3 { u128::MAX } else { (i + 1) * q - 1 },
+        });
         ShardMap::new(shards.collect()).unwrap()
     }
 
     fn limits(agg: usize) -> PlanLimits {
-        PlanLimits { max_record_bytes: 1024 * 1024, aggregation_max_bytes: agg }
+        PlanLimits {
+            max_record_bytes: 1024 * 1024,
+            aggregation_max_bytes: agg,
+        }
     }
 
     #[test]
@@ -317,7 +406,11 @@ mod tests {
         let map = four_shards();
         let mut batch = RecordBatch::default();
         for i in 0..2000 {
-            batch.push(format!("line {i}").as_bytes(), Some(&format!("key-{}", i % 97)), None);
+            batch.push(
+                format!("line {i}").as_bytes(),
+                Some(&format!("key-{}", i % 97)),
+                None,
+            );
         }
         let idx: Vec<u32> = (0..2000).collect();
         let (records, refused) = plan(&batch, &idx, &KeyMode::PerRecord, &map, &limits(4096));
@@ -325,7 +418,9 @@ mod tests {
         let mut seen = vec![false; 2000];
         for r in &records {
             let shard = &map.shards()[r.shard];
-            let landing = r.explicit_hash_key.unwrap_or_else(|| partition_key_hash(&r.partition_key));
+            let landing = r
+                .explicit_hash_key
+                .unwrap_or_else(|| partition_key_hash(&r.partition_key));
             assert_eq!(map.index_of(landing), r.shard);
             match deaggregate(&r.data) {
                 Deaggregated::Aggregate(users) => {
@@ -352,19 +447,39 @@ mod tests {
         let map = four_shards();
         let mut batch = RecordBatch::default();
         batch.push(b"only one", None, None);
-        let (records, _) = plan(&batch, &[0], &KeyMode::RandomPerAggregate, &map, &limits(1024 * 1024));
+        let (records, _) = plan(
+            &batch,
+            &[0],
+            &KeyMode::RandomPerAggregate,
+            &map,
+            &limits(1024 * 1024),
+        );
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].data, b"only one");
         assert_eq!(records[0].partition_key.len(), 32);
-        let (records, _) = plan(&batch, &[0], &KeyMode::Fixed("fixed".into()), &map, &limits(1024 * 1024));
+        let (records, _) = plan(
+            &batch,
+            &[0],
+            &KeyMode::Fixed("fixed".into()),
+            &map,
+            &limits(1024 * 1024),
+        );
         assert_eq!(records[0].partition_key, "fixed");
         // A record that looks like an aggregate is wrapped even when alone.
         let mut b = AggregateBuilder::new(1024, 1);
         b.try_add("x", None, b"inner");
         let mut batch = RecordBatch::default();
         batch.push(&b.finish(), None, None);
-        let (records, _) = plan(&batch, &[0], &KeyMode::Fixed("k".into()), &map, &limits(1024 * 1024));
-        assert!(matches!(deaggregate(&records[0].data), Deaggregated::Aggregate(ref u) if u.len() == 1));
+        let (records, _) = plan(
+            &batch,
+            &[0],
+            &KeyMode::Fixed("k".into()),
+            &map,
+            &limits(1024 * 1024),
+        );
+        assert!(
+            matches!(deaggregate(&records[0].data), Deaggregated::Aggregate(ref u) if u.len() == 1)
+        );
     }
 
     #[test]
@@ -374,19 +489,45 @@ mod tests {
         batch.push(&vec![b'x'; 1024 * 1024 - 32], None, None); // fits raw with a 32-char key
         batch.push(&vec![b'x'; 1024 * 1024], None, None); // too big with any key
         batch.push(b"small", None, None);
-        let (records, refused) = plan(&batch, &[0, 1, 2], &KeyMode::RandomPerAggregate, &map, &limits(1024 * 1024));
+        let (records, refused) = plan(
+            &batch,
+            &[0, 1, 2],
+            &KeyMode::RandomPerAggregate,
+            &map,
+            &limits(1024 * 1024),
+        );
         assert_eq!(refused.len(), 1);
         assert_eq!(refused[0].index, 1);
-        assert_eq!(records.iter().map(|r| r.members.clone()).collect::<Vec<_>>(), vec![vec![0], vec![2]]);
+        assert_eq!(
+            records
+                .iter()
+                .map(|r| r.members.clone())
+                .collect::<Vec<_>>(),
+            vec![vec![0], vec![2]]
+        );
         assert_eq!(records[0].billed_size(), 1024 * 1024);
     }
 
     #[test]
     fn packs_full_requests() {
-        let rec = |n: usize| KinesisRecord { data: vec![0; n], partition_key: "a".into(), explicit_hash_key: None, shard: 0, members: vec![], lands_safely_anywhere: true };
+        let rec = |n: usize| KinesisRecord {
+            data: vec![0; n],
+            partition_key: "a".into(),
+            explicit_hash_key: None,
+            shard: 0,
+            members: vec![],
+            lands_safely_anywhere: true,
+        };
         let reqs = pack((0..1001).map(|_| rec(10)).collect(), 500, 5 * 1024 * 1024);
-        assert_eq!(reqs.iter().map(Vec::len).collect::<Vec<_>>(), vec![500, 500, 1]);
-        let reqs = pack((0..11).map(|_| rec(1024 * 1024 - 1)).collect(), 500, 5 * 1024 * 1024);
+        assert_eq!(
+            reqs.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![500, 500, 1]
+        );
+        let reqs = pack(
+            (0..11).map(|_| rec(1024 * 1024 - 1)).collect(),
+            500,
+            5 * 1024 * 1024,
+        );
         assert_eq!(reqs.iter().map(Vec::len).collect::<Vec<_>>(), vec![5, 5, 1]);
     }
 }

@@ -44,7 +44,10 @@ mod tests {
 
     #[test]
     fn wakes_a_waiter_from_another_thread() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let t = Arc::new(CancelToken::new());
         let t2 = t.clone();
         std::thread::spawn(move || {

@@ -22,7 +22,10 @@ pub enum DataFormat {
     /// fluentd's `json` formatter.
     Json { add_newline: bool },
     /// fluentd's `single_value` formatter: `record[message_key].to_s`.
-    SingleValue { message_key: String, add_newline: bool },
+    SingleValue {
+        message_key: String,
+        add_newline: bool,
+    },
     /// fluentd's `msgpack` formatter.
     Msgpack,
 }
@@ -45,7 +48,10 @@ pub enum TimeZoneSpec {
 
 #[derive(Debug, Clone)]
 pub enum TimeType {
-    String { items: Vec<Item<'static>>, zone: TimeZoneSpec },
+    String {
+        items: Vec<Item<'static>>,
+        zone: TimeZoneSpec,
+    },
     Unixtime,
     UnixtimeMillis,
     UnixtimeMicros,
@@ -65,11 +71,19 @@ pub struct Inject {
 
 impl Inject {
     fn is_empty(&self) -> bool {
-        self.hostname.is_none() && self.worker_id.is_none() && self.tag_key.is_none() && self.time.is_none()
+        self.hostname.is_none()
+            && self.worker_id.is_none()
+            && self.tag_key.is_none()
+            && self.time.is_none()
     }
 
     fn keys(&self) -> impl Iterator<Item = &str> {
-        self.hostname.iter().map(|h| h.0.as_str()).chain(self.worker_id.iter().map(|w| w.0.as_str())).chain(self.tag_key.iter().map(String::as_str)).chain(self.time.iter().map(|t| t.0.as_str()))
+        self.hostname
+            .iter()
+            .map(|h| h.0.as_str())
+            .chain(self.worker_id.iter().map(|w| w.0.as_str()))
+            .chain(self.tag_key.iter().map(String::as_str))
+            .chain(self.time.iter().map(|t| t.0.as_str()))
     }
 }
 
@@ -130,7 +144,11 @@ pub fn ruby_time_format(format: &str) -> Option<Vec<Item<'static>>> {
         }
         let d = chars.next()?;
         let translated = match (flag.as_str(), d) {
-            ("", 'Y' | 'm' | 'd' | 'H' | 'M' | 'S' | 'j' | 'y' | 'b' | 'a' | 'B' | 'A' | 'p' | 'I' | 's' | 'T' | 'F' | 'D' | 'R' | 'e' | 'z' | '%') => format!("%{d}"),
+            (
+                "",
+                'Y' | 'm' | 'd' | 'H' | 'M' | 'S' | 'j' | 'y' | 'b' | 'a' | 'B' | 'A' | 'p' | 'I'
+                | 's' | 'T' | 'F' | 'D' | 'R' | 'e' | 'z' | '%',
+            ) => format!("%{d}"),
             ("-", 'm' | 'd' | 'H' | 'M' | 'S' | 'I' | 'e') => format!("%-{d}"),
             (":", 'z') => "%:z".to_string(),
             ("", 'L') | ("3", 'N') => "%3f".to_string(),
@@ -140,18 +158,37 @@ pub fn ruby_time_format(format: &str) -> Option<Vec<Item<'static>>> {
         };
         out.push_str(&translated);
     }
-    let items = chrono::format::StrftimeItems::new(&out).parse_to_owned().ok()?;
+    let items = chrono::format::StrftimeItems::new(&out)
+        .parse_to_owned()
+        .ok()?;
     Some(items)
 }
 
-fn format_time(out: &mut Vec<u8>, sec: i64, nsec: u32, items: &[Item<'static>], zone: TimeZoneSpec) -> Result<(), FormatError> {
-    let utc = DateTime::<Utc>::from_timestamp(sec, nsec).ok_or_else(|| FormatError::NeedsRuby(format!("event time {sec} is out of range")))?;
+fn format_time(
+    out: &mut Vec<u8>,
+    sec: i64,
+    nsec: u32,
+    items: &[Item<'static>],
+    zone: TimeZoneSpec,
+) -> Result<(), FormatError> {
+    let utc = DateTime::<Utc>::from_timestamp(sec, nsec)
+        .ok_or_else(|| FormatError::NeedsRuby(format!("event time {sec} is out of range")))?;
     let r = match zone {
         TimeZoneSpec::Utc => write!(out, "{}", utc.format_with_items(items.iter())),
-        TimeZoneSpec::Local => write!(out, "{}", utc.with_timezone(&Local).format_with_items(items.iter())),
+        TimeZoneSpec::Local => write!(
+            out,
+            "{}",
+            utc.with_timezone(&Local).format_with_items(items.iter())
+        ),
         TimeZoneSpec::Fixed(secs) => {
-            let tz = FixedOffset::east_opt(secs).ok_or_else(|| FormatError::NeedsRuby("time zone offset out of range".into()))?;
-            write!(out, "{}", tz.from_utc_datetime(&utc.naive_utc()).format_with_items(items.iter()))
+            let tz = FixedOffset::east_opt(secs)
+                .ok_or_else(|| FormatError::NeedsRuby("time zone offset out of range".into()))?;
+            write!(
+                out,
+                "{}",
+                tz.from_utc_datetime(&utc.naive_utc())
+                    .format_with_items(items.iter())
+            )
         }
     };
     r.map_err(|_| FormatError::NeedsRuby("time could not be formatted".into()))
@@ -238,7 +275,9 @@ fn json_value(r: &mut Reader, out: &mut Vec<u8>, depth: usize) -> Result<(), For
                     out.push(b',');
                 }
                 match r.head()? {
-                    Head::Str(k) | Head::Bin(k) => json_string(out, utf8(k, "a key in the record")?),
+                    Head::Str(k) | Head::Bin(k) => {
+                        json_string(out, utf8(k, "a key in the record")?)
+                    }
                     _ => return Err(needs_ruby("a map key is not a string")),
                 }
                 out.push(b':');
@@ -365,7 +404,11 @@ fn to_s(head: Head, out: &mut Vec<u8>, what: &str) -> Result<Option<()>, FormatE
             let _ = write!(out, "{u}");
         }
         Head::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
-        _ => return Err(needs_ruby(format!("{what} is not a string, integer or boolean"))),
+        _ => {
+            return Err(needs_ruby(format!(
+                "{what} is not a string, integer or boolean"
+            )))
+        }
     }
     Ok(Some(()))
 }
@@ -388,8 +431,16 @@ fn chomp(out: &mut Vec<u8>, from: usize) {
 }
 
 /// Formats every event of `chunk` not skipped by `skip(event_index)`.
-pub fn format_chunk(spec: &FormatSpec, chunk: &[u8], tag: Option<&str>, skip: &dyn Fn(u32) -> bool) -> Result<FormattedChunk, FormatError> {
-    let mut out = FormattedChunk { batch: RecordBatch::with_capacity(chunk.len() / 64, chunk.len() + chunk.len() / 4), ..Default::default() };
+pub fn format_chunk(
+    spec: &FormatSpec,
+    chunk: &[u8],
+    tag: Option<&str>,
+    skip: &dyn Fn(u32) -> bool,
+) -> Result<FormattedChunk, FormatError> {
+    let mut out = FormattedChunk {
+        batch: RecordBatch::with_capacity(chunk.len() / 64, chunk.len() + chunk.len() / 4),
+        ..Default::default()
+    };
     if spec.inject.tag_key.is_some() && tag.is_none() {
         return Err(needs_ruby("inject tag_key needs the chunk's tag"));
     }
@@ -402,10 +453,16 @@ pub fn format_chunk(spec: &FormatSpec, chunk: &[u8], tag: Option<&str>, skip: &d
         event += 1;
         let event_start = r.pos;
         if r.head()? != Head::Array(2) {
-            return Err(FormatError::Corrupt(MsgpackError { offset: event_start, what: "event is not a [time, record] pair" }));
+            return Err(FormatError::Corrupt(MsgpackError {
+                offset: event_start,
+                what: "event is not a [time, record] pair",
+            }));
         }
         let (sec, nsec) = match r.head()? {
-            Head::Ext(0, b) if b.len() == 8 => (i64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]])), u32::from_be_bytes([b[4], b[5], b[6], b[7]])),
+            Head::Ext(0, b) if b.len() == 8 => (
+                i64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+                u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            ),
             Head::UInt(s) => (s as i64, 0),
             Head::Int(s) => (s, 0),
             _ => return Err(needs_ruby("event time is neither EventTime nor an integer")),
@@ -420,7 +477,8 @@ pub fn format_chunk(spec: &FormatSpec, chunk: &[u8], tag: Option<&str>, skip: &d
             _ => {
                 r.pos = record_start;
                 r.skip()?;
-                out.refused.push((index, "record is not a hash (map)".into()));
+                out.refused
+                    .push((index, "record is not a hash (map)".into()));
                 continue;
             }
         };
@@ -432,9 +490,21 @@ pub fn format_chunk(spec: &FormatSpec, chunk: &[u8], tag: Option<&str>, skip: &d
             };
             let start = r.pos;
             r.skip()?;
-            entries.push(Entry { key, value: start..r.pos });
+            entries.push(Entry {
+                key,
+                value: start..r.pos,
+            });
         }
-        let field = |name: &str| entries.iter().rev().find(|e| e.key == name.as_bytes()).map(|e| Reader { buf: chunk, pos: e.value.start });
+        let field = |name: &str| {
+            entries
+                .iter()
+                .rev()
+                .find(|e| e.key == name.as_bytes())
+                .map(|e| Reader {
+                    buf: chunk,
+                    pos: e.value.start,
+                })
+        };
 
         // Keys first: a record without a usable key is refused before any formatting work.
         let partition_key = match &spec.partition_key_field {
@@ -442,15 +512,22 @@ pub fn format_chunk(spec: &FormatSpec, chunk: &[u8], tag: Option<&str>, skip: &d
             Some(name) => {
                 scratch.clear();
                 let ok = match field(name) {
-                    Some(mut v) => to_s(v.head()?, &mut scratch, "partition_key field").unwrap_or(None).is_some(),
+                    Some(mut v) => to_s(v.head()?, &mut scratch, "partition_key field")
+                        .unwrap_or(None)
+                        .is_some(),
                     None => false,
                 };
-                let key = if ok { std::str::from_utf8(&scratch).ok().map(str::to_string) } else { None };
+                let key = if ok {
+                    std::str::from_utf8(&scratch).ok().map(str::to_string)
+                } else {
+                    None
+                };
                 match key {
                     Some(k) => match validate_partition_key(&k) {
                         Ok(()) => Some(k),
                         Err(e) => {
-                            out.refused.push((index, format!("partition_key field '{name}': {e}")));
+                            out.refused
+                                .push((index, format!("partition_key field '{name}': {e}")));
                             continue;
                         }
                     },
@@ -468,7 +545,10 @@ pub fn format_chunk(spec: &FormatSpec, chunk: &[u8], tag: Option<&str>, skip: &d
                 // A decimal string or a non-negative integer; anything else is refused.
                 let text = match field(name) {
                     Some(mut v) => match v.head()? {
-                        h @ (Head::Str(_) | Head::UInt(_)) => to_s(h, &mut scratch, "explicit_hash_key field")?.and_then(|_| std::str::from_utf8(&scratch).ok()),
+                        h @ (Head::Str(_) | Head::UInt(_)) => {
+                            to_s(h, &mut scratch, "explicit_hash_key field")?
+                                .and_then(|_| std::str::from_utf8(&scratch).ok())
+                        }
                         _ => None,
                     },
                     None => None,
@@ -476,7 +556,8 @@ pub fn format_chunk(spec: &FormatSpec, chunk: &[u8], tag: Option<&str>, skip: &d
                 match text.map(parse_explicit_hash_key) {
                     Some(Ok(h)) => Some(h),
                     Some(Err(e)) => {
-                        out.refused.push((index, format!("explicit_hash_key field '{name}': {e}")));
+                        out.refused
+                            .push((index, format!("explicit_hash_key field '{name}': {e}")));
                         continue;
                     }
                     None => {
@@ -499,7 +580,9 @@ pub fn format_chunk(spec: &FormatSpec, chunk: &[u8], tag: Option<&str>, skip: &d
         let formatted: Result<bool, FormatError> = (|| {
             if let Some(dk) = &spec.data_key {
                 match field(dk) {
-                    Some(mut v) => Ok(to_s(v.head()?, target, &format!("data_key field '{dk}'"))?.is_some()),
+                    Some(mut v) => {
+                        Ok(to_s(v.head()?, target, &format!("data_key field '{dk}'"))?.is_some())
+                    }
                     None => Ok(false),
                 }
             } else {
@@ -512,7 +595,13 @@ pub fn format_chunk(spec: &FormatSpec, chunk: &[u8], tag: Option<&str>, skip: &d
         })();
         if !formatted? {
             out.batch.abandon(start);
-            out.refused.push((index, format!("Key '{}' doesn't exist", spec.data_key.as_deref().unwrap_or(""))));
+            out.refused.push((
+                index,
+                format!(
+                    "Key '{}' doesn't exist",
+                    spec.data_key.as_deref().unwrap_or("")
+                ),
+            ));
             continue;
         }
         if spec.compression != Compression::None {
@@ -522,10 +611,17 @@ pub fn format_chunk(spec: &FormatSpec, chunk: &[u8], tag: Option<&str>, skip: &d
         let size = out.batch.buffer().len() - start;
         if size > spec.max_data_bytes {
             out.batch.abandon(start);
-            out.refused.push((index, format!("formatted record is {size} bytes; max_record_size is {} bytes", spec.max_data_bytes)));
+            out.refused.push((
+                index,
+                format!(
+                    "formatted record is {size} bytes; max_record_size is {} bytes",
+                    spec.max_data_bytes
+                ),
+            ));
             continue;
         }
-        out.batch.commit(start, partition_key.as_deref(), explicit_hash_key);
+        out.batch
+            .commit(start, partition_key.as_deref(), explicit_hash_key);
         out.events.push(index);
     }
     out.event_count = event;
@@ -551,7 +647,15 @@ fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
 }
 
 /// Writes one record with inject applied, in the configured format.
-fn write_formatted(spec: &FormatSpec, chunk: &[u8], entries: &[Entry], tag: Option<&str>, sec: i64, nsec: u32, out: &mut Vec<u8>) -> Result<(), FormatError> {
+fn write_formatted(
+    spec: &FormatSpec,
+    chunk: &[u8],
+    entries: &[Entry],
+    tag: Option<&str>,
+    sec: i64,
+    nsec: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), FormatError> {
     let inject = &spec.inject;
     // Injected values replace existing keys in place (Ruby Hash#[]= keeps the position) and
     // are otherwise appended in fluentd's order.
@@ -559,34 +663,53 @@ fn write_formatted(spec: &FormatSpec, chunk: &[u8], entries: &[Entry], tag: Opti
     let write_injected = |key: &str, out: &mut Vec<u8>, json: bool| -> Result<(), FormatError> {
         if let Some((k, v)) = &inject.hostname {
             if k == key {
-                if json { json_string(out, v) } else { pack_str(out, v.as_bytes()) }
+                if json {
+                    json_string(out, v)
+                } else {
+                    pack_str(out, v.as_bytes())
+                }
                 return Ok(());
             }
         }
         if let Some((k, v)) = &inject.worker_id {
             if k == key {
-                if json { let _ = write!(out, "{v}"); } else { pack_int(out, *v) }
+                if json {
+                    let _ = write!(out, "{v}");
+                } else {
+                    pack_int(out, *v)
+                }
                 return Ok(());
             }
         }
         if let Some(k) = &inject.tag_key {
             if k == key {
                 let t = tag.unwrap_or("");
-                if json { json_string(out, t) } else { pack_str(out, t.as_bytes()) }
+                if json {
+                    json_string(out, t)
+                } else {
+                    pack_str(out, t.as_bytes())
+                }
                 return Ok(());
             }
         }
         if let Some((k, tt)) = &inject.time {
             if k == key {
                 match tt {
-                    TimeType::Unixtime | TimeType::UnixtimeMillis | TimeType::UnixtimeMicros | TimeType::UnixtimeNanos => {
+                    TimeType::Unixtime
+                    | TimeType::UnixtimeMillis
+                    | TimeType::UnixtimeMicros
+                    | TimeType::UnixtimeNanos => {
                         let v = match tt {
                             TimeType::UnixtimeMillis => sec * 1_000 + i64::from(nsec / 1_000_000),
                             TimeType::UnixtimeMicros => sec * 1_000_000 + i64::from(nsec / 1_000),
                             TimeType::UnixtimeNanos => sec * 1_000_000_000 + i64::from(nsec),
                             _ => sec,
                         };
-                        if json { let _ = write!(out, "{v}"); } else { pack_int(out, v) }
+                        if json {
+                            let _ = write!(out, "{v}");
+                        } else {
+                            pack_int(out, v)
+                        }
                     }
                     TimeType::Float => {
                         // Exact integer microseconds, then one correctly rounded division: the
@@ -602,7 +725,11 @@ fn write_formatted(spec: &FormatSpec, chunk: &[u8], entries: &[Entry], tag: Opti
                     TimeType::String { items, zone } => {
                         let mut s = Vec::with_capacity(40);
                         format_time(&mut s, sec, nsec, items, *zone)?;
-                        if json { json_string(out, utf8(&s, "formatted time")?) } else { pack_str(out, &s) }
+                        if json {
+                            json_string(out, utf8(&s, "formatted time")?)
+                        } else {
+                            pack_str(out, &s)
+                        }
                     }
                 }
             }
@@ -618,7 +745,10 @@ fn write_formatted(spec: &FormatSpec, chunk: &[u8], entries: &[Entry], tag: Opti
             }
         }
     }
-    let appended: Vec<&str> = inject.keys().filter(|k| !keys_present.contains(k)).collect();
+    let appended: Vec<&str> = inject
+        .keys()
+        .filter(|k| !keys_present.contains(k))
+        .collect();
     match &spec.format {
         DataFormat::Json { add_newline } => {
             out.push(b'{');
@@ -633,7 +763,14 @@ fn write_formatted(spec: &FormatSpec, chunk: &[u8], entries: &[Entry], tag: Opti
                 if injected(e.key) {
                     write_injected(std::str::from_utf8(e.key).unwrap_or(""), out, true)?;
                 } else {
-                    json_value(&mut Reader { buf: chunk, pos: e.value.start }, out, 0)?;
+                    json_value(
+                        &mut Reader {
+                            buf: chunk,
+                            pos: e.value.start,
+                        },
+                        out,
+                        0,
+                    )?;
                 }
             }
             for k in appended {
@@ -657,7 +794,14 @@ fn write_formatted(spec: &FormatSpec, chunk: &[u8], entries: &[Entry], tag: Opti
                 if injected(e.key) {
                     write_injected(std::str::from_utf8(e.key).unwrap_or(""), out, false)?;
                 } else {
-                    msgpack_value(&mut Reader { buf: chunk, pos: e.value.start }, out, 0)?;
+                    msgpack_value(
+                        &mut Reader {
+                            buf: chunk,
+                            pos: e.value.start,
+                        },
+                        out,
+                        0,
+                    )?;
                 }
             }
             for k in appended {
@@ -665,7 +809,10 @@ fn write_formatted(spec: &FormatSpec, chunk: &[u8], entries: &[Entry], tag: Opti
                 write_injected(k, out, false)?;
             }
         }
-        DataFormat::SingleValue { message_key, add_newline } => {
+        DataFormat::SingleValue {
+            message_key,
+            add_newline,
+        } => {
             if inject.keys().any(|k| k == message_key) {
                 let mut tmp = Vec::new();
                 write_injected(message_key, &mut tmp, false)?;
@@ -673,9 +820,20 @@ fn write_formatted(spec: &FormatSpec, chunk: &[u8], entries: &[Entry], tag: Opti
                 let head = r.head()?;
                 // Injected strings and integers print as themselves; floats need Ruby.
                 to_s(head, out, "injected message_key value")?;
-            } else if let Some(e) = entries.iter().rev().find(|e| e.key == message_key.as_bytes()) {
-                let mut r = Reader { buf: chunk, pos: e.value.start };
-                to_s(r.head()?, out, &format!("single_value message_key '{message_key}'"))?;
+            } else if let Some(e) = entries
+                .iter()
+                .rev()
+                .find(|e| e.key == message_key.as_bytes())
+            {
+                let mut r = Reader {
+                    buf: chunk,
+                    pos: e.value.start,
+                };
+                to_s(
+                    r.head()?,
+                    out,
+                    &format!("single_value message_key '{message_key}'"),
+                )?;
             }
             if *add_newline {
                 out.push(b'\n');
@@ -701,18 +859,38 @@ mod tests {
     }
 
     fn spec(format: DataFormat) -> FormatSpec {
-        FormatSpec { format, data_key: None, chomp_record: false, compression: Compression::None, inject: Inject::default(), partition_key_field: None, explicit_hash_key_field: None, max_data_bytes: 1024 * 1024 }
+        FormatSpec {
+            format,
+            data_key: None,
+            chomp_record: false,
+            compression: Compression::None,
+            inject: Inject::default(),
+            partition_key_field: None,
+            explicit_hash_key_field: None,
+            max_data_bytes: 1024 * 1024,
+        }
     }
 
     #[test]
     fn json_with_inject_and_keys() {
         let mut chunk = Vec::new();
-        event(&mut chunk, 1_700_000_000, 123_456_789, &[("message", "GET / \"x\"\n"), ("host", "h1")]);
+        event(
+            &mut chunk,
+            1_700_000_000,
+            123_456_789,
+            &[("message", "GET / \"x\"\n"), ("host", "h1")],
+        );
         event(&mut chunk, 1_700_000_001, 0, &[("message", "no host")]);
         let mut s = spec(DataFormat::Json { add_newline: true });
         s.partition_key_field = Some("host".into());
         s.inject.tag_key = Some("tag".into());
-        s.inject.time = Some(("time".into(), TimeType::String { items: ruby_time_format("%Y-%m-%dT%H:%M:%S.%N%z").unwrap(), zone: TimeZoneSpec::Fixed(9 * 3600) }));
+        s.inject.time = Some((
+            "time".into(),
+            TimeType::String {
+                items: ruby_time_format("%Y-%m-%dT%H:%M:%S.%N%z").unwrap(),
+                zone: TimeZoneSpec::Fixed(9 * 3600),
+            },
+        ));
         let f = format_chunk(&s, &chunk, Some("apache.access"), &|_| false).unwrap();
         assert_eq!(f.event_count, 2);
         assert_eq!(f.batch.len(), 1);
@@ -734,7 +912,10 @@ mod tests {
         assert_eq!(f.batch.data(0), b"line one\n");
         assert_eq!(f.events, vec![0]);
         assert_eq!(f.refused, vec![(1, "Key 'log' doesn't exist".to_string())]);
-        let mut s = spec(DataFormat::SingleValue { message_key: "log".into(), add_newline: true });
+        let mut s = spec(DataFormat::SingleValue {
+            message_key: "log".into(),
+            add_newline: true,
+        });
         s.chomp_record = true;
         s.compression = Compression::Zlib;
         let f = format_chunk(&s, &chunk, None, &|_| false).unwrap();
@@ -750,8 +931,14 @@ mod tests {
         chunk.extend_from_slice(&[0x92, 0x01, 0x81, 0xa1, b'f', 0xcb]);
         chunk.extend_from_slice(&f64::NAN.to_be_bytes());
         let s = spec(DataFormat::Json { add_newline: true });
-        assert!(matches!(format_chunk(&s, &chunk, None, &|_| false), Err(FormatError::NeedsRuby(_))));
-        assert!(matches!(format_chunk(&s, &[0x92, 0x01], None, &|_| false), Err(FormatError::Corrupt(_))));
+        assert!(matches!(
+            format_chunk(&s, &chunk, None, &|_| false),
+            Err(FormatError::NeedsRuby(_))
+        ));
+        assert!(matches!(
+            format_chunk(&s, &[0x92, 0x01], None, &|_| false),
+            Err(FormatError::Corrupt(_))
+        ));
         assert!(ruby_time_format("%Y %Z").is_none());
         assert!(ruby_time_format("%Y-%m-%d %H:%M:%S.%3N %:z").is_some());
     }
@@ -763,6 +950,9 @@ mod tests {
         let mut s = spec(DataFormat::Msgpack);
         s.inject.worker_id = Some(("w".into(), 3));
         let f = format_chunk(&s, &chunk, None, &|_| false).unwrap();
-        assert_eq!(f.batch.data(0), &[0x82, 0xa1, b'a', 0xa1, b'b', 0xa1, b'w', 0x03]);
+        assert_eq!(
+            f.batch.data(0),
+            &[0x82, 0xa1, b'a', 0xa1, b'b', 0xa1, b'w', 0x03]
+        );
     }
 }

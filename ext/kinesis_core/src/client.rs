@@ -16,7 +16,8 @@ pub const USER_AGENT: &str = concat!("fluent-plugin-kinesis-rs/", env!("CARGO_PK
 fn http_client(config: &ProducerConfig) -> Result<SharedHttpClient, String> {
     let mut trust = TrustStore::default();
     if let Some(path) = &config.ca_file {
-        let pem = std::fs::read(path).map_err(|e| format!("cannot read ssl_ca_file {path}: {e}"))?;
+        let pem =
+            std::fs::read(path).map_err(|e| format!("cannot read ssl_ca_file {path}: {e}"))?;
         trust = trust.with_pem_certificate(pem);
     }
     let tls_context = TlsContext::builder()
@@ -24,25 +25,34 @@ fn http_client(config: &ProducerConfig) -> Result<SharedHttpClient, String> {
         .build()
         .map_err(|e| format!("TLS setup failed: {e}"))?;
     let proxy = match &config.http_proxy {
-        Some(url) => ProxyConfig::all(url.as_str()).map_err(|e| format!("http_proxy {}: {e}", redact_url(url)))?,
+        Some(url) => ProxyConfig::all(url.as_str())
+            .map_err(|e| format!("http_proxy {}: {e}", redact_url(url)))?,
         // Honour HTTP(S)_PROXY / NO_PROXY from the environment, as the Ruby SDK does.
         None => ProxyConfig::from_env(),
     };
-    Ok(aws_smithy_http_client::Builder::new().build_with_connector_fn(move |settings, components| {
-        let mut b = aws_smithy_http_client::Connector::builder();
-        b.set_connector_settings(settings.cloned());
-        if let Some(c) = components {
-            b.set_sleep_impl(c.sleep_impl());
-        }
-        b.set_proxy_config(Some(proxy.clone()));
-        b.tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc)).tls_context(tls_context.clone()).build()
-    }))
+    Ok(
+        aws_smithy_http_client::Builder::new().build_with_connector_fn(
+            move |settings, components| {
+                let mut b = aws_smithy_http_client::Connector::builder();
+                b.set_connector_settings(settings.cloned());
+                if let Some(c) = components {
+                    b.set_sleep_impl(c.sleep_impl());
+                }
+                b.set_proxy_config(Some(proxy.clone()));
+                b.tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc))
+                    .tls_context(tls_context.clone())
+                    .build()
+            },
+        ),
+    )
 }
 
 /// `http://user:secret@host` → `http://***@host`, so proxy credentials never reach a log.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
         _ => url.to_string(),
     }
 }
@@ -64,7 +74,9 @@ async fn base_config(config: &ProducerConfig, http: SharedHttpClient) -> SdkConf
     loader.load().await
 }
 
-fn boxed(p: impl aws_credential_types::provider::ProvideCredentials + 'static) -> SharedCredentialsProvider {
+fn boxed(
+    p: impl aws_credential_types::provider::ProvideCredentials + 'static,
+) -> SharedCredentialsProvider {
     SharedCredentialsProvider::new(p)
 }
 
@@ -75,13 +87,23 @@ fn boxed(p: impl aws_credential_types::provider::ProvideCredentials + 'static) -
 fn credentials_provider<'a>(
     creds: &'a Credentials,
     sdk: &'a SdkConfig,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<SharedCredentialsProvider>, String>> + Send + 'a>> {
+) -> std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<Option<SharedCredentialsProvider>, String>>
+            + Send
+            + 'a,
+    >,
+> {
     Box::pin(async move {
         use aws_config::profile::profile_file::{ProfileFileKind, ProfileFiles};
         use aws_config::provider_config::ProviderConfig;
         Ok(match creds {
             Credentials::DefaultChain => None,
-            Credentials::Static { access_key_id, secret_access_key, session_token } => Some(boxed(aws_credential_types::Credentials::new(
+            Credentials::Static {
+                access_key_id,
+                secret_access_key,
+                session_token,
+            } => Some(boxed(aws_credential_types::Credentials::new(
                 access_key_id,
                 secret_access_key,
                 session_token.clone(),
@@ -91,14 +113,27 @@ fn credentials_provider<'a>(
             Credentials::Profile { path, profile_name } => {
                 let mut b = aws_config::profile::ProfileFileCredentialsProvider::builder();
                 if let Some(path) = path {
-                    b = b.profile_files(ProfileFiles::builder().with_file(ProfileFileKind::Credentials, path).build());
+                    b = b.profile_files(
+                        ProfileFiles::builder()
+                            .with_file(ProfileFileKind::Credentials, path)
+                            .build(),
+                    );
                 }
                 if let Some(name) = profile_name {
                     b = b.profile_name(name);
                 }
                 Some(boxed(b.build()))
             }
-            Credentials::AssumeRole { role_arn, session_name, external_id, policy, duration, sts_endpoint, sts_region, source } => {
+            Credentials::AssumeRole {
+                role_arn,
+                session_name,
+                external_id,
+                policy,
+                duration,
+                sts_endpoint,
+                sts_region,
+                source,
+            } => {
                 let mut sts_conf = sdk.clone().into_builder();
                 if let Some(url) = sts_endpoint {
                     sts_conf = sts_conf.endpoint_url(url);
@@ -107,7 +142,9 @@ fn credentials_provider<'a>(
                     sts_conf = sts_conf.region(Region::new(r.clone()));
                 }
                 let sts_conf = sts_conf.build();
-                let mut b = aws_config::sts::AssumeRoleProvider::builder(role_arn).session_name(session_name).configure(&sts_conf);
+                let mut b = aws_config::sts::AssumeRoleProvider::builder(role_arn)
+                    .session_name(session_name)
+                    .configure(&sts_conf);
                 if let Some(id) = external_id {
                     b = b.external_id(id);
                 }
@@ -123,24 +160,41 @@ fn credentials_provider<'a>(
                 };
                 Some(boxed(provider))
             }
-            Credentials::WebIdentity { role_arn, session_name, token_file, policy } => {
-                let mut b = aws_config::web_identity_token::WebIdentityTokenCredentialsProvider::builder()
-                    .configure(&ProviderConfig::default().with_region(sdk.region().cloned()))
-                    .static_configuration(aws_config::web_identity_token::StaticConfiguration {
-                        web_identity_token_file: token_file.into(),
-                        role_arn: role_arn.clone(),
-                        session_name: session_name.clone(),
-                    });
+            Credentials::WebIdentity {
+                role_arn,
+                session_name,
+                token_file,
+                policy,
+            } => {
+                let mut b =
+                    aws_config::web_identity_token::WebIdentityTokenCredentialsProvider::builder()
+                        .configure(&ProviderConfig::default().with_region(sdk.region().cloned()))
+                        .static_configuration(
+                            aws_config::web_identity_token::StaticConfiguration {
+                                web_identity_token_file: token_file.into(),
+                                role_arn: role_arn.clone(),
+                                session_name: session_name.clone(),
+                            },
+                        );
                 if let Some(p) = policy {
                     b = b.policy(p);
                 }
                 Some(boxed(b.build()))
             }
-            Credentials::Ecs => Some(boxed(aws_config::ecs::EcsCredentialsProvider::builder().build())),
-            Credentials::InstanceProfile { endpoint, retries, connect_timeout, read_timeout } => {
+            Credentials::Ecs => Some(boxed(
+                aws_config::ecs::EcsCredentialsProvider::builder().build(),
+            )),
+            Credentials::InstanceProfile {
+                endpoint,
+                retries,
+                connect_timeout,
+                read_timeout,
+            } => {
                 let mut c = aws_config::imds::client::Client::builder();
                 if let Some(e) = endpoint {
-                    c = c.endpoint(e).map_err(|e| format!("instance_profile_credentials endpoint: {e}"))?;
+                    c = c
+                        .endpoint(e)
+                        .map_err(|e| format!("instance_profile_credentials endpoint: {e}"))?;
                 }
                 if let Some(r) = retries {
                     c = c.max_attempts(r + 1);
@@ -151,9 +205,15 @@ fn credentials_provider<'a>(
                 if let Some(t) = read_timeout {
                     c = c.read_timeout(*t);
                 }
-                Some(boxed(aws_config::imds::credentials::ImdsCredentialsProvider::builder().imds_client(c.build()).build()))
+                Some(boxed(
+                    aws_config::imds::credentials::ImdsCredentialsProvider::builder()
+                        .imds_client(c.build())
+                        .build(),
+                ))
             }
-            Credentials::Process { command } => Some(boxed(aws_config::credential_process::CredentialProcessProvider::new(command.clone()))),
+            Credentials::Process { command } => Some(boxed(
+                aws_config::credential_process::CredentialProcessProvider::new(command.clone()),
+            )),
         })
     })
 }
@@ -176,14 +236,24 @@ pub async fn build_client(config: &ProducerConfig) -> Result<aws_sdk_kinesis::Cl
         Some(s) => format!("{USER_AGENT} {s}"),
         None => USER_AGENT.to_string(),
     };
-    let app = aws_config::AppName::new(sanitize_app_name(&suffix)).map_err(|e| format!("user agent: {e}"))?;
+    let app = aws_config::AppName::new(sanitize_app_name(&suffix))
+        .map_err(|e| format!("user agent: {e}"))?;
     b = b.app_name(app);
     Ok(aws_sdk_kinesis::Client::from_conf(b.build()))
 }
 
 /// The SDK's app name allows a restricted character set: keep what it allows.
 fn sanitize_app_name(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c) { c } else { '_' }).take(50).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(50)
+        .collect()
 }
 
 #[cfg(test)]
@@ -192,14 +262,24 @@ mod tests {
 
     #[test]
     fn redacts_proxy_credentials() {
-        assert_eq!(redact_url("http://user:pw@proxy:3128"), "http://***@proxy:3128");
+        assert_eq!(
+            redact_url("http://user:pw@proxy:3128"),
+            "http://***@proxy:3128"
+        );
         assert_eq!(redact_url("http://proxy:3128"), "http://proxy:3128");
     }
 
     #[test]
     fn debug_never_shows_secrets() {
-        let c = Credentials::Static { access_key_id: "AKIDEXAMPLE".into(), secret_access_key: "wJalrXUtnFEMI".into(), session_token: Some("FQoGZXIvYXdzE".into()) };
+        let c = Credentials::Static {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: "wJalrXUtnFEMI".into(),
+            session_token: Some("FQoGZXIvYXdzE".into()),
+        };
         let shown = format!("{c:?}");
-        assert!(!shown.contains("AKID") && !shown.contains("wJal") && !shown.contains("FQoG"), "{shown}");
+        assert!(
+            !shown.contains("AKID") && !shown.contains("wJal") && !shown.contains("FQoG"),
+            "{shown}"
+        );
     }
 }

@@ -21,7 +21,10 @@ pub enum Credentials {
         session_token: Option<String>,
     },
     /// A profile from a shared credentials file.
-    Profile { path: Option<String>, profile_name: Option<String> },
+    Profile {
+        path: Option<String>,
+        profile_name: Option<String>,
+    },
     /// STS AssumeRole on top of `source` credentials.
     AssumeRole {
         role_arn: String,
@@ -34,7 +37,12 @@ pub enum Credentials {
         source: Box<Credentials>,
     },
     /// STS AssumeRoleWithWebIdentity (EKS IRSA).
-    WebIdentity { role_arn: String, session_name: String, token_file: String, policy: Option<String> },
+    WebIdentity {
+        role_arn: String,
+        session_name: String,
+        token_file: String,
+        policy: Option<String>,
+    },
     /// The ECS container credentials endpoint.
     Ecs,
     /// EC2 instance profile through IMDSv2.
@@ -147,19 +155,28 @@ impl ProducerConfig {
             return Err(format!("max record size {} is out of range: Kinesis allows 1 byte to 10 MiB ({MAX_RECORD_BYTES_LIMIT})", self.max_record_bytes));
         }
         if self.aggregation_max_bytes < 64 || self.aggregation_max_bytes > self.max_record_bytes {
-            return Err(format!("aggregation size {} must be between 64 bytes and the max record size {}", self.aggregation_max_bytes, self.max_record_bytes));
+            return Err(format!(
+                "aggregation size {} must be between 64 bytes and the max record size {}",
+                self.aggregation_max_bytes, self.max_record_bytes
+            ));
         }
         if self.batch_max_entries == 0 || self.batch_max_entries > MAX_ENTRIES_PER_REQUEST {
-            return Err(format!("batch_request_max_count {} is out of range: PutRecords takes 1 to 500 records", self.batch_max_entries));
+            return Err(format!(
+                "batch_request_max_count {} is out of range: PutRecords takes 1 to 500 records",
+                self.batch_max_entries
+            ));
         }
-        if self.batch_max_bytes < self.max_record_bytes.min(MAX_BYTES_PER_REQUEST) || self.batch_max_bytes > MAX_BYTES_PER_REQUEST.max(self.max_record_bytes) {
+        if self.batch_max_bytes < self.max_record_bytes.min(MAX_BYTES_PER_REQUEST)
+            || self.batch_max_bytes > MAX_BYTES_PER_REQUEST.max(self.max_record_bytes)
+        {
             return Err(format!("batch_request_max_size {} is out of range: it must hold one record ({} bytes) and PutRecords takes at most 5 MiB ({MAX_BYTES_PER_REQUEST})", self.batch_max_bytes, self.max_record_bytes.min(MAX_BYTES_PER_REQUEST)));
         }
         if self.concurrency == 0 {
             return Err("request concurrency must be at least 1".into());
         }
         if let KeyMode::Fixed(k) = &self.key_mode {
-            crate::hashkey::validate_partition_key(k).map_err(|e| format!("fixed_partition_key: {e}"))?;
+            crate::hashkey::validate_partition_key(k)
+                .map_err(|e| format!("fixed_partition_key: {e}"))?;
         }
         Ok(())
     }

@@ -17,7 +17,9 @@ impl EventBits {
     }
 
     pub fn get(&self, i: u32) -> bool {
-        self.0.get((i / 8) as usize).is_some_and(|b| b & (1 << (i % 8)) != 0)
+        self.0
+            .get((i / 8) as usize)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
     }
 
     pub fn set(&mut self, i: u32) {
@@ -55,34 +57,75 @@ impl ChunkOutcome {
 
 /// Formats and delivers a chunk in fluentd's standard format. `FormatError::NeedsRuby` means the
 /// plugin must format this chunk itself and call [`deliver_records`].
-pub async fn deliver_chunk(producer: &Producer, stream: &str, spec: &FormatSpec, chunk: &[u8], tag: Option<&str>, previously: Option<&EventBits>, cancel: &CancelToken) -> Result<ChunkOutcome, FormatError> {
+pub async fn deliver_chunk(
+    producer: &Producer,
+    stream: &str,
+    spec: &FormatSpec,
+    chunk: &[u8],
+    tag: Option<&str>,
+    previously: Option<&EventBits>,
+    cancel: &CancelToken,
+) -> Result<ChunkOutcome, FormatError> {
     let skip = |i: u32| previously.is_some_and(|p| p.get(i));
     let formatted = format_chunk(spec, chunk, tag, &skip)?;
-    let mut outcome = deliver_records(producer, stream, formatted.batch, &formatted.events, formatted.event_count, previously, cancel).await;
+    let mut outcome = deliver_records(
+        producer,
+        stream,
+        formatted.batch,
+        &formatted.events,
+        formatted.event_count,
+        previously,
+        cancel,
+    )
+    .await;
     outcome.refused.extend(formatted.refused);
     outcome.refused.sort_by_key(|r| r.0);
     Ok(outcome)
 }
 
 /// Delivers user records already formatted; `events[i]` is the chunk event of record `i`.
-pub async fn deliver_records(producer: &Producer, stream: &str, batch: RecordBatch, events: &[u32], event_count: u32, previously: Option<&EventBits>, cancel: &CancelToken) -> ChunkOutcome {
+pub async fn deliver_records(
+    producer: &Producer,
+    stream: &str,
+    batch: RecordBatch,
+    events: &[u32],
+    event_count: u32,
+    previously: Option<&EventBits>,
+    cancel: &CancelToken,
+) -> ChunkOutcome {
     let mut delivered = previously.cloned().unwrap_or_default();
     delivered.0.resize((event_count as usize).div_ceil(8), 0);
     let indexes: Vec<u32> = (0..batch.len() as u32).collect();
-    let result = producer.put(stream, &batch, &indexes, cancel.cancelled()).await;
+    let result = producer
+        .put(stream, &batch, &indexes, cancel.cancelled())
+        .await;
     let mut refused = Vec::new();
     let mut counts = vec![0u32; result.failures.len()];
     for (i, status) in result.status.iter().enumerate() {
         let event = events[i];
         match *status {
             RecordStatus::Delivered => delivered.set(event),
-            RecordStatus::Refused(f) => refused.push((event, result.failures[f as usize].message.clone())),
+            RecordStatus::Refused(f) => {
+                refused.push((event, result.failures[f as usize].message.clone()))
+            }
             RecordStatus::Failed(f) => counts[f as usize] += 1,
             RecordStatus::Skipped | RecordStatus::Pending => {}
         }
     }
-    let failures = result.failures.iter().cloned().zip(counts).filter(|(_, n)| *n > 0).collect();
-    ChunkOutcome { event_count, delivered, refused, failures, counters: result.counters }
+    let failures = result
+        .failures
+        .iter()
+        .cloned()
+        .zip(counts)
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    ChunkOutcome {
+        event_count,
+        delivered,
+        refused,
+        failures,
+        counters: result.counters,
+    }
 }
 
 #[cfg(test)]

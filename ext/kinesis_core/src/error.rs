@@ -48,7 +48,11 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(kind: FailureKind, code: impl Into<String>, message: impl Into<String>) -> Self {
-        Failure { kind, code: code.into(), message: message.into() }
+        Failure {
+            kind,
+            code: code.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -74,10 +78,41 @@ fn advice(code: &str) -> &'static str {
 /// Classifies an error code returned for a whole request or for one PutRecords entry.
 pub fn classify_code(code: &str, http_status: Option<u16>, message: &str) -> Failure {
     let kind = match code {
-        "ProvisionedThroughputExceededException" | "LimitExceededException" | "KMSThrottlingException" | "ThrottlingException" | "Throttling" | "RequestLimitExceeded" | "TooManyRequestsException" => FailureKind::Throttled,
-        "InternalFailure" | "InternalFailureException" | "InternalServerError" | "ServiceUnavailable" | "ServiceUnavailableException" | "RequestTimeout" | "RequestTimeoutException" | "ExpiredTokenException" | "ExpiredToken" | "RequestExpired" | "IDPCommunicationError" => FailureKind::Transient,
-        "ResourceNotFoundException" | "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException" | "IncompleteSignature" | "MissingAuthenticationToken" | "InvalidClientTokenId" | "SignatureDoesNotMatch" | "ResourceInUseException" | "KMSDisabledException" | "KMSInvalidStateException" | "KMSAccessDeniedException" | "KMSNotFoundException" | "KMSOptInRequired" => FailureKind::NeedsAttention,
-        "ValidationException" | "InvalidArgumentException" | "SerializationException" => FailureKind::Invalid,
+        "ProvisionedThroughputExceededException"
+        | "LimitExceededException"
+        | "KMSThrottlingException"
+        | "ThrottlingException"
+        | "Throttling"
+        | "RequestLimitExceeded"
+        | "TooManyRequestsException" => FailureKind::Throttled,
+        "InternalFailure"
+        | "InternalFailureException"
+        | "InternalServerError"
+        | "ServiceUnavailable"
+        | "ServiceUnavailableException"
+        | "RequestTimeout"
+        | "RequestTimeoutException"
+        | "ExpiredTokenException"
+        | "ExpiredToken"
+        | "RequestExpired"
+        | "IDPCommunicationError" => FailureKind::Transient,
+        "ResourceNotFoundException"
+        | "AccessDeniedException"
+        | "UnrecognizedClientException"
+        | "InvalidSignatureException"
+        | "IncompleteSignature"
+        | "MissingAuthenticationToken"
+        | "InvalidClientTokenId"
+        | "SignatureDoesNotMatch"
+        | "ResourceInUseException"
+        | "KMSDisabledException"
+        | "KMSInvalidStateException"
+        | "KMSAccessDeniedException"
+        | "KMSNotFoundException"
+        | "KMSOptInRequired" => FailureKind::NeedsAttention,
+        "ValidationException" | "InvalidArgumentException" | "SerializationException" => {
+            FailureKind::Invalid
+        }
         _ => match http_status {
             Some(429) => FailureKind::Throttled,
             Some(s) if s >= 500 => FailureKind::Transient,
@@ -85,7 +120,11 @@ pub fn classify_code(code: &str, http_status: Option<u16>, message: &str) -> Fai
             _ => FailureKind::Transient,
         },
     };
-    let code = if code.is_empty() { http_status.map_or("UnknownError".to_string(), |s| format!("HTTP{s}")) } else { code.to_string() };
+    let code = if code.is_empty() {
+        http_status.map_or("UnknownError".to_string(), |s| format!("HTTP{s}"))
+    } else {
+        code.to_string()
+    };
     let message = format!("{}{}", message.trim(), advice(&code));
     Failure::new(kind, code, message)
 }
@@ -100,10 +139,17 @@ where
         SdkError::ServiceError(se) => {
             let e = se.err();
             let status = se.raw().status_code();
-            let message = e.message().map(str::to_string).unwrap_or_else(|| DisplayErrorContext(e).to_string());
+            let message = e
+                .message()
+                .map(str::to_string)
+                .unwrap_or_else(|| DisplayErrorContext(e).to_string());
             classify_code(e.code().unwrap_or(""), Some(status), &message)
         }
-        SdkError::TimeoutError(_) => Failure::new(FailureKind::Transient, "Timeout", format!("the request timed out: {}", DisplayErrorContext(err))),
+        SdkError::TimeoutError(_) => Failure::new(
+            FailureKind::Transient,
+            "Timeout",
+            format!("the request timed out: {}", DisplayErrorContext(err)),
+        ),
         SdkError::DispatchFailure(d) => {
             let code = if d.is_timeout() {
                 "Timeout"
@@ -114,9 +160,27 @@ where
             };
             Failure::new(FailureKind::Transient, code, format!("the request could not be sent (check endpoint, network, proxy and credentials): {}", DisplayErrorContext(err)))
         }
-        SdkError::ResponseError(_) => Failure::new(FailureKind::Transient, "ResponseError", format!("the response could not be read: {}", DisplayErrorContext(err))),
-        SdkError::ConstructionFailure(_) => Failure::new(FailureKind::NeedsAttention, "ConstructionFailure", format!("the request could not be built (check credentials and region): {}", DisplayErrorContext(err))),
-        _ => Failure::new(FailureKind::Transient, "UnknownError", DisplayErrorContext(err).to_string()),
+        SdkError::ResponseError(_) => Failure::new(
+            FailureKind::Transient,
+            "ResponseError",
+            format!(
+                "the response could not be read: {}",
+                DisplayErrorContext(err)
+            ),
+        ),
+        SdkError::ConstructionFailure(_) => Failure::new(
+            FailureKind::NeedsAttention,
+            "ConstructionFailure",
+            format!(
+                "the request could not be built (check credentials and region): {}",
+                DisplayErrorContext(err)
+            ),
+        ),
+        _ => Failure::new(
+            FailureKind::Transient,
+            "UnknownError",
+            DisplayErrorContext(err).to_string(),
+        ),
     }
 }
 
@@ -137,13 +201,32 @@ mod tests {
 
     #[test]
     fn classifies_codes() {
-        assert_eq!(classify_code("ProvisionedThroughputExceededException", None, "x").kind, FailureKind::Throttled);
-        assert_eq!(classify_code("InternalFailure", None, "x").kind, FailureKind::Transient);
-        assert_eq!(classify_code("KMSDisabledException", None, "x").kind, FailureKind::NeedsAttention);
-        assert_eq!(classify_code("KMSThrottlingException", None, "x").kind, FailureKind::Throttled);
-        assert_eq!(classify_code("Weird", Some(503), "x").kind, FailureKind::Transient);
+        assert_eq!(
+            classify_code("ProvisionedThroughputExceededException", None, "x").kind,
+            FailureKind::Throttled
+        );
+        assert_eq!(
+            classify_code("InternalFailure", None, "x").kind,
+            FailureKind::Transient
+        );
+        assert_eq!(
+            classify_code("KMSDisabledException", None, "x").kind,
+            FailureKind::NeedsAttention
+        );
+        assert_eq!(
+            classify_code("KMSThrottlingException", None, "x").kind,
+            FailureKind::Throttled
+        );
+        assert_eq!(
+            classify_code("Weird", Some(503), "x").kind,
+            FailureKind::Transient
+        );
         assert_eq!(classify_code("", Some(403), "x").code, "HTTP403");
-        let f = classify_code("ResourceNotFoundException", Some(400), "Stream s under account 1 not found.");
+        let f = classify_code(
+            "ResourceNotFoundException",
+            Some(400),
+            "Stream s under account 1 not found.",
+        );
         assert_eq!(f.kind, FailureKind::NeedsAttention);
         assert!(f.message.contains("Check stream_name"), "{}", f.message);
     }

@@ -67,8 +67,20 @@ mod tests {
     #[test]
     fn explicit_hash_keys() {
         assert_eq!(parse_explicit_hash_key("0"), Ok(0));
-        assert_eq!(parse_explicit_hash_key(&u128::MAX.to_string()), Ok(u128::MAX));
-        for bad in ["", "-1", "01", "1.0", " 1", "340282366920938463463374607431768211456", "12a", "9999999999999999999999999999999999999999"] {
+        assert_eq!(
+            parse_explicit_hash_key(&u128::MAX.to_string()),
+            Ok(u128::MAX)
+        );
+        for bad in [
+            "",
+            "-1",
+            "01",
+            "1.0",
+            " 1",
+            "340282366920938463463374607431768211456",
+            "12a",
+            "9999999999999999999999999999999999999999",
+        ] {
             assert!(parse_explicit_hash_key(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -76,7 +88,10 @@ mod tests {
     #[test]
     fn partition_key_lengths_count_characters_not_bytes() {
         assert!(validate_partition_key(&"é".repeat(256)).is_ok());
-        assert_eq!(validate_partition_key(&"é".repeat(257)), Err(KeyError::PartitionKeyTooLong(257)));
+        assert_eq!(
+            validate_partition_key(&"é".repeat(257)),
+            Err(KeyError::PartitionKeyTooLong(257))
+        );
         assert!(validate_partition_key(&"x".repeat(256)).is_ok());
         assert_eq!(validate_partition_key(""), Err(KeyError::EmptyPartitionKey));
     }

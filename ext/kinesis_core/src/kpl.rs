@@ -105,18 +105,30 @@ impl KeyTable {
         if let Some(last) = self.spans.len().checked_sub(1) {
             if self.key(last) == key.as_bytes() {
                 // `hash` is only read to insert, and a present key is never inserted.
-                return Slot { index: last as u64, cost: 0, hash: 0 };
+                return Slot {
+                    index: last as u64,
+                    cost: 0,
+                    hash: 0,
+                };
             }
         }
         let hash = self.hasher.hash_one(key);
         let mut entry = self.index.get(&hash).copied().unwrap_or(NONE);
         while entry != NONE {
             if self.key(entry as usize) == key.as_bytes() {
-                return Slot { index: u64::from(entry), cost: 0, hash };
+                return Slot {
+                    index: u64::from(entry),
+                    cost: 0,
+                    hash,
+                };
             }
             entry = self.next[entry as usize];
         }
-        Slot { index: self.spans.len() as u64, cost: len_field(key.len()), hash }
+        Slot {
+            index: self.spans.len() as u64,
+            cost: len_field(key.len()),
+            hash,
+        }
     }
 
     fn insert(&mut self, field_tag: u8, key: &str, slot: Slot) {
@@ -127,7 +139,8 @@ impl KeyTable {
             self.spans.push((self.encoded.len(), key.len()));
             self.encoded.extend_from_slice(key.as_bytes());
             let entry = slot.index as u32;
-            self.next.push(self.index.insert(slot.hash, entry).unwrap_or(NONE));
+            self.next
+                .push(self.index.insert(slot.hash, entry).unwrap_or(NONE));
         }
     }
 
@@ -196,7 +209,12 @@ impl AggregateBuilder {
         self.partition_keys.encoded_len() + self.hash_keys.encoded_len() + self.records.len()
     }
 
-    fn place(&mut self, partition_key: &str, explicit_hash_key: Option<u128>, data_len: usize) -> Placement {
+    fn place(
+        &mut self,
+        partition_key: &str,
+        explicit_hash_key: Option<u128>,
+        data_len: usize,
+    ) -> Placement {
         let pk = self.partition_keys.lookup(partition_key);
         let ehk = explicit_hash_key.map(|h| {
             self.hash_key_text.clear();
@@ -208,19 +226,34 @@ impl AggregateBuilder {
             + varint_len(pk.index)
             + ehk.map_or(0, |e| 1 + varint_len(e.index))
             + len_field(data_len);
-        Placement { pk, ehk, record_body }
+        Placement {
+            pk,
+            ehk,
+            record_body,
+        }
     }
 
     /// The size of the aggregate if this record were added (see [`AggregateBuilder::size`]).
-    pub fn size_with(&mut self, partition_key: &str, explicit_hash_key: Option<u128>, data_len: usize) -> usize {
+    pub fn size_with(
+        &mut self,
+        partition_key: &str,
+        explicit_hash_key: Option<u128>,
+        data_len: usize,
+    ) -> usize {
         let p = self.place(partition_key, explicit_hash_key, data_len);
         self.size() + p.pk.cost + p.ehk.map_or(0, |e| e.cost) + len_field(p.record_body)
     }
 
     /// Adds the record if the aggregate stays within its limit; returns whether it did.
-    pub fn try_add(&mut self, partition_key: &str, explicit_hash_key: Option<u128>, data: &[u8]) -> bool {
+    pub fn try_add(
+        &mut self,
+        partition_key: &str,
+        explicit_hash_key: Option<u128>,
+        data: &[u8],
+    ) -> bool {
         let p = self.place(partition_key, explicit_hash_key, data.len());
-        let grown = self.size() + p.pk.cost + p.ehk.map_or(0, |e| e.cost) + len_field(p.record_body);
+        let grown =
+            self.size() + p.pk.cost + p.ehk.map_or(0, |e| e.cost) + len_field(p.record_body);
         if grown > self.max_bytes {
             return false;
         }
@@ -333,7 +366,11 @@ pub fn deaggregate(data: &[u8]) -> Deaggregated {
             },
             None => None,
         };
-        out.push(UserRecord { partition_key: pk.clone(), explicit_hash_key: ehk, data: r.data });
+        out.push(UserRecord {
+            partition_key: pk.clone(),
+            explicit_hash_key: ehk,
+            data: r.data,
+        });
     }
     Deaggregated::Aggregate(out)
 }
@@ -348,23 +385,41 @@ pub fn effective_hash_key(record: &UserRecord) -> Result<u128, crate::hashkey::K
 
 /// The KCL's shard-range check: every user record of an aggregate read from a shard covering
 /// `start..=end` must hash into that range, or the KCL drops all of them.
-pub fn check_shard_range(records: &[UserRecord], start: u128, end: u128) -> Result<(), OutOfShardRange> {
+pub fn check_shard_range(
+    records: &[UserRecord],
+    start: u128,
+    end: u128,
+) -> Result<(), OutOfShardRange> {
     for (index, r) in records.iter().enumerate() {
         // An unparsable explicit hash key is as fatal to the KCL as one out of range.
         let parsed = effective_hash_key(r);
         let hash_key = *parsed.as_ref().unwrap_or(&u128::MAX);
         if parsed.is_err() || hash_key < start || hash_key > end {
-            return Err(OutOfShardRange { index, hash_key, start, end });
+            return Err(OutOfShardRange {
+                index,
+                hash_key,
+                start,
+                end,
+            });
         }
     }
     Ok(())
 }
 
 /// What a KCL consumer reading from a shard covering `start..=end` delivers for one record.
-pub fn kcl_user_records(data: &[u8], partition_key: &str, start: u128, end: u128) -> Vec<UserRecord> {
+pub fn kcl_user_records(
+    data: &[u8],
+    partition_key: &str,
+    start: u128,
+    end: u128,
+) -> Vec<UserRecord> {
     match deaggregate(data) {
         Deaggregated::PassThrough => {
-            vec![UserRecord { partition_key: partition_key.to_string(), explicit_hash_key: None, data: data.to_vec() }]
+            vec![UserRecord {
+                partition_key: partition_key.to_string(),
+                explicit_hash_key: None,
+                data: data.to_vec(),
+            }]
         }
         Deaggregated::Aggregate(records) => match check_shard_range(&records, start, end) {
             Ok(()) => records,
@@ -380,7 +435,15 @@ mod tests {
 
     #[test]
     fn varint_lengths() {
-        for (v, n) in [(0u64, 1), (1, 1), (127, 1), (128, 2), (16383, 2), (16384, 3), (u64::MAX, 10)] {
+        for (v, n) in [
+            (0u64, 1),
+            (1, 1),
+            (127, 1),
+            (128, 2),
+            (16383, 2),
+            (16384, 3),
+            (u64::MAX, 10),
+        ] {
             assert_eq!(varint_len(v), n, "{v}");
             let mut out = Vec::new();
             put_varint(&mut out, v);
@@ -401,9 +464,24 @@ mod tests {
             partition_key_table: vec!["k1".into(), "k2".into()],
             explicit_hash_key_table: vec!["42".into()],
             records: vec![
-                Record { partition_key_index: 0, explicit_hash_key_index: None, data: b"one".to_vec(), tags: vec![] },
-                Record { partition_key_index: 1, explicit_hash_key_index: Some(0), data: b"two".to_vec(), tags: vec![] },
-                Record { partition_key_index: 0, explicit_hash_key_index: Some(0), data: vec![], tags: vec![] },
+                Record {
+                    partition_key_index: 0,
+                    explicit_hash_key_index: None,
+                    data: b"one".to_vec(),
+                    tags: vec![],
+                },
+                Record {
+                    partition_key_index: 1,
+                    explicit_hash_key_index: Some(0),
+                    data: b"two".to_vec(),
+                    tags: vec![],
+                },
+                Record {
+                    partition_key_index: 0,
+                    explicit_hash_key_index: Some(0),
+                    data: vec![],
+                    tags: vec![],
+                },
             ],
         };
         let body = expected.encode_to_vec();
@@ -438,6 +516,9 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         assert_eq!(deaggregate(&bytes), Deaggregated::PassThrough);
-        assert_eq!(kcl_user_records(&bytes, "a", h + 1, u128::MAX)[0].data, bytes);
+        assert_eq!(
+            kcl_user_records(&bytes, "a", h + 1, u128::MAX)[0].data,
+            bytes
+        );
     }
 }

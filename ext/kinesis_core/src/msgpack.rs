@@ -41,12 +41,19 @@ impl<'a> Reader<'a> {
     }
 
     fn err(&self, what: &'static str) -> MsgpackError {
-        MsgpackError { offset: self.pos, what }
+        MsgpackError {
+            offset: self.pos,
+            what,
+        }
     }
 
     #[inline]
     fn take(&mut self, n: usize) -> Result<&'a [u8], MsgpackError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or_else(|| self.err("value runs past the end of the chunk"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| self.err("value runs past the end of the chunk"))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -54,7 +61,10 @@ impl<'a> Reader<'a> {
 
     #[inline]
     fn be(&mut self, n: usize) -> Result<u64, MsgpackError> {
-        Ok(self.take(n)?.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
+        Ok(self
+            .take(n)?
+            .iter()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
     }
 
     /// Reads the head of the next value (for arrays and maps, only their length).
@@ -96,7 +106,12 @@ impl<'a> Reader<'a> {
             0xdc | 0xdd => Head::Array(self.be(2 << (b - 0xdc))? as usize),
             0xde | 0xdf => Head::Map(self.be(2 << (b - 0xde))? as usize),
             0xe0..=0xff => Head::Int(i64::from(b as i8)),
-            0xc1 => return Err(MsgpackError { offset: self.pos - 1, what: "byte 0xc1 is never used in MessagePack" }),
+            0xc1 => {
+                return Err(MsgpackError {
+                    offset: self.pos - 1,
+                    what: "byte 0xc1 is never used in MessagePack",
+                })
+            }
         })
     }
 
@@ -106,8 +121,16 @@ impl<'a> Reader<'a> {
         while remaining > 0 {
             remaining -= 1;
             match self.head()? {
-                Head::Array(n) => remaining = remaining.checked_add(n).ok_or_else(|| self.err("array too long"))?,
-                Head::Map(n) => remaining = remaining.checked_add(n.checked_mul(2).ok_or_else(|| self.err("map too long"))?).ok_or_else(|| self.err("map too long"))?,
+                Head::Array(n) => {
+                    remaining = remaining
+                        .checked_add(n)
+                        .ok_or_else(|| self.err("array too long"))?
+                }
+                Head::Map(n) => {
+                    remaining = remaining
+                        .checked_add(n.checked_mul(2).ok_or_else(|| self.err("map too long"))?)
+                        .ok_or_else(|| self.err("map too long"))?
+                }
                 _ => {}
             }
         }
@@ -122,7 +145,10 @@ mod tests {
     #[test]
     fn reads_heads_and_skips() {
         // [1, "ab", {"k": [true, nil]}, -1, 1.5]
-        let bytes = [0x95, 0x01, 0xa2, b'a', b'b', 0x81, 0xa1, b'k', 0x92, 0xc3, 0xc0, 0xff, 0xcb, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0];
+        let bytes = [
+            0x95, 0x01, 0xa2, b'a', b'b', 0x81, 0xa1, b'k', 0x92, 0xc3, 0xc0, 0xff, 0xcb, 0x3f,
+            0xf8, 0, 0, 0, 0, 0, 0,
+        ];
         let mut r = Reader::new(&bytes);
         assert_eq!(r.head().unwrap(), Head::Array(5));
         assert_eq!(r.head().unwrap(), Head::UInt(1));

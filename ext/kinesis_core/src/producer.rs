@@ -64,7 +64,24 @@ pub struct Counters {
 impl Counters {
     pub fn add(&mut self, o: &Counters) {
         macro_rules! sum { ($($f:ident),*) => { $( self.$f += o.$f; )* } }
-        sum!(user_records, delivered, failed, refused, kinesis_records, aggregates, requests, request_errors, retried_entries, throttled_entries, bytes_delivered, put_payload_units, wrong_shard, resent_user_records, shard_map_refreshes, rate_limited_ms);
+        sum!(
+            user_records,
+            delivered,
+            failed,
+            refused,
+            kinesis_records,
+            aggregates,
+            requests,
+            request_errors,
+            retried_entries,
+            throttled_entries,
+            bytes_delivered,
+            put_payload_units,
+            wrong_shard,
+            resent_user_records,
+            shard_map_refreshes,
+            rate_limited_ms
+        );
     }
 
     /// Name/value pairs, for monitoring output.
@@ -101,7 +118,11 @@ pub struct BatchOutcome {
 
 impl BatchOutcome {
     fn new(len: usize) -> Self {
-        BatchOutcome { status: vec![RecordStatus::Skipped; len], failures: Vec::new(), counters: Counters::default() }
+        BatchOutcome {
+            status: vec![RecordStatus::Skipped; len],
+            failures: Vec::new(),
+            counters: Counters::default(),
+        }
     }
 
     fn failure_index(&mut self, f: &Failure) -> u32 {
@@ -143,7 +164,9 @@ impl BatchOutcome {
     }
 
     pub fn all_delivered(&self) -> bool {
-        self.status.iter().all(|s| matches!(s, RecordStatus::Delivered | RecordStatus::Skipped))
+        self.status
+            .iter()
+            .all(|s| matches!(s, RecordStatus::Delivered | RecordStatus::Skipped))
     }
 }
 
@@ -189,7 +212,12 @@ impl Producer {
 
     pub fn with_client(client: aws_sdk_kinesis::Client, config: ProducerConfig) -> Self {
         let limiter = ShardRateLimiter::new(config.rate_limit_percent);
-        Producer { client, config, streams: Mutex::new(HashMap::new()), limiter }
+        Producer {
+            client,
+            config,
+            streams: Mutex::new(HashMap::new()),
+            limiter,
+        }
     }
 
     pub fn config(&self) -> &ProducerConfig {
@@ -204,27 +232,54 @@ impl Producer {
             req = match &token {
                 // With a token, the stream name must not be sent again.
                 Some(t) => req.next_token(t),
-                None => req.stream_name(stream).shard_filter(ShardFilter::builder().r#type(ShardFilterType::AtLatest).build().map_err(|e| Failure::new(FailureKind::Invalid, "ShardFilter", e.to_string()))?),
+                None => req.stream_name(stream).shard_filter(
+                    ShardFilter::builder()
+                        .r#type(ShardFilterType::AtLatest)
+                        .build()
+                        .map_err(|e| {
+                            Failure::new(FailureKind::Invalid, "ShardFilter", e.to_string())
+                        })?,
+                ),
             };
             let resp = req.send().await.map_err(|e| classify_sdk_error(&e))?;
             for s in resp.shards() {
                 // Servers that ignore ShardFilter also return closed shards: keep the open ones.
-                if s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_some() {
+                if s.sequence_number_range()
+                    .and_then(|r| r.ending_sequence_number())
+                    .is_some()
+                {
                     continue;
                 }
                 let range = s.hash_key_range();
                 let parse = |v: Option<&str>| v.and_then(|t| t.parse::<u128>().ok());
-                let (Some(start), Some(end)) = (parse(range.map(|r| r.starting_hash_key())), parse(range.map(|r| r.ending_hash_key()))) else {
-                    return Err(Failure::new(FailureKind::Transient, "BadShardListing", format!("shard {} has no readable hash key range", s.shard_id())));
+                let (Some(start), Some(end)) = (
+                    parse(range.map(|r| r.starting_hash_key())),
+                    parse(range.map(|r| r.ending_hash_key())),
+                ) else {
+                    return Err(Failure::new(
+                        FailureKind::Transient,
+                        "BadShardListing",
+                        format!("shard {} has no readable hash key range", s.shard_id()),
+                    ));
                 };
-                shards.push(Shard { id: s.shard_id().to_string(), start, end });
+                shards.push(Shard {
+                    id: s.shard_id().to_string(),
+                    start,
+                    end,
+                });
             }
             match resp.next_token() {
                 Some(t) if !t.is_empty() => token = Some(t.to_string()),
                 _ => break,
             }
         }
-        ShardMap::new(shards).map_err(|e| Failure::new(FailureKind::Transient, "ShardMapIncomplete", format!("{e} (the stream is being resharded; retry)")))
+        ShardMap::new(shards).map_err(|e| {
+            Failure::new(
+                FailureKind::Transient,
+                "ShardMapIncomplete",
+                format!("{e} (the stream is being resharded; retry)"),
+            )
+        })
     }
 
     /// Lists the stream's shards and caches the map; errors say what to fix.
@@ -244,7 +299,10 @@ impl Producer {
             .or_insert_with(|| {
                 Arc::new(StreamState {
                     map: Mutex::new((initial.unwrap_or_else(|| Arc::new(ShardMap::default())), 0)),
-                    refresh: tokio::sync::Mutex::new(RefreshGate { next_allowed: Instant::now(), backoff: REFRESH_BACKOFF_MIN }),
+                    refresh: tokio::sync::Mutex::new(RefreshGate {
+                        next_allowed: Instant::now(),
+                        backoff: REFRESH_BACKOFF_MIN,
+                    }),
                 })
             })
             .clone()
@@ -264,7 +322,12 @@ impl Producer {
 
     /// Lists the shards again unless a listing newer than `seen_generation` exists, no sooner
     /// than the refresh backoff allows (1 s growing ×1.5 to 30 s while listings find nothing new).
-    async fn refresh_map(&self, stream: &str, seen_generation: u64, deadline: Option<Instant>) -> Result<(Arc<ShardMap>, u64), Failure> {
+    async fn refresh_map(
+        &self,
+        stream: &str,
+        seen_generation: u64,
+        deadline: Option<Instant>,
+    ) -> Result<(Arc<ShardMap>, u64), Failure> {
         let state = self.state(stream, None);
         let mut gate = state.refresh.lock().await;
         {
@@ -282,12 +345,22 @@ impl Producer {
             Ok(map) => map,
             // Shared-key modes do not need the map to be correct; without ListShards permission
             // they go on without per-shard rate limiting.
-            Err(f) if self.config.key_mode != KeyMode::PerRecord && f.kind == FailureKind::NeedsAttention && f.code != "ResourceNotFoundException" => ShardMap::whole(UNKNOWN_SHARD),
+            Err(f)
+                if self.config.key_mode != KeyMode::PerRecord
+                    && f.kind == FailureKind::NeedsAttention
+                    && f.code != "ResourceNotFoundException" =>
+            {
+                ShardMap::whole(UNKNOWN_SHARD)
+            }
             Err(f) => return Err(f),
         };
         let mut m = state.map.lock().unwrap_or_else(|p| p.into_inner());
         let unchanged = m.0.shards() == listed.shards();
-        gate.backoff = if unchanged { (gate.backoff.mul_f64(1.5)).min(REFRESH_BACKOFF_MAX) } else { REFRESH_BACKOFF_MIN };
+        gate.backoff = if unchanged {
+            (gate.backoff.mul_f64(1.5)).min(REFRESH_BACKOFF_MAX)
+        } else {
+            REFRESH_BACKOFF_MIN
+        };
         gate.next_allowed = Instant::now() + gate.backoff;
         m.0 = Arc::new(listed);
         m.1 += 1;
@@ -296,7 +369,13 @@ impl Producer {
 
     /// Delivers the user records `indexes` of `batch` to `stream`. Stops early, reporting what
     /// was not delivered as cancelled, when `cancel` completes.
-    pub async fn put(&self, stream: &str, batch: &RecordBatch, indexes: &[u32], cancel: impl Future<Output = ()>) -> BatchOutcome {
+    pub async fn put(
+        &self,
+        stream: &str,
+        batch: &RecordBatch,
+        indexes: &[u32],
+        cancel: impl Future<Output = ()>,
+    ) -> BatchOutcome {
         let outcome = Mutex::new(BatchOutcome::new(batch.len()));
         {
             let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
@@ -320,9 +399,18 @@ impl Producer {
         o.finish()
     }
 
-    async fn deliver(&self, stream: &str, batch: &RecordBatch, indexes: &[u32], outcome: &Mutex<BatchOutcome>) {
+    async fn deliver(
+        &self,
+        stream: &str,
+        batch: &RecordBatch,
+        indexes: &[u32],
+        outcome: &Mutex<BatchOutcome>,
+    ) {
         let deadline = Instant::now() + self.config.deadline;
-        let limits = PlanLimits { max_record_bytes: self.config.max_record_bytes, aggregation_max_bytes: self.config.aggregation_max_bytes };
+        let limits = PlanLimits {
+            max_record_bytes: self.config.max_record_bytes,
+            aggregation_max_bytes: self.config.aggregation_max_bytes,
+        };
         let lock = || outcome.lock().unwrap_or_else(|p| p.into_inner());
         let mut pending: Vec<u32> = indexes.to_vec();
         let mut map = match self.shard_map(stream).await {
@@ -334,19 +422,29 @@ impl Producer {
             {
                 let mut o = lock();
                 for r in refused {
-                    let i = o.failure_index(&Failure::new(FailureKind::Invalid, "RecordRefused", r.reason));
+                    let i = o.failure_index(&Failure::new(
+                        FailureKind::Invalid,
+                        "RecordRefused",
+                        r.reason,
+                    ));
                     o.status[r.index as usize] = RecordStatus::Refused(i);
                 }
                 o.counters.kinesis_records += records.len() as u64;
-                o.counters.aggregates += records.iter().filter(|r| r.members.len() > 1).count() as u64;
+                o.counters.aggregates +=
+                    records.iter().filter(|r| r.members.len() > 1).count() as u64;
             }
-            let requests = pack(records, self.config.batch_max_entries, self.config.batch_max_bytes);
+            let requests = pack(
+                records,
+                self.config.batch_max_entries,
+                self.config.batch_max_bytes,
+            );
             let results: Vec<RequestResult> = stream::iter(requests)
                 .map(|req| self.send_request(stream, req, &map.0, deadline, outcome))
                 .buffer_unordered(self.config.concurrency)
                 .collect()
                 .await;
-            let misrouted: Vec<(KinesisRecord, String)> = results.into_iter().flat_map(|r| r.misrouted).collect();
+            let misrouted: Vec<(KinesisRecord, String)> =
+                results.into_iter().flat_map(|r| r.misrouted).collect();
             if misrouted.is_empty() {
                 return;
             }
@@ -357,7 +455,10 @@ impl Producer {
             }
             pending = Vec::new();
             for (record, landed) in misrouted {
-                let shard = refreshed.as_ref().ok().and_then(|m| m.0.by_id(&landed).cloned());
+                let shard = refreshed
+                    .as_ref()
+                    .ok()
+                    .and_then(|m| m.0.by_id(&landed).cloned());
                 if shard.is_some_and(|s| all_within(batch, &record.members, &s)) {
                     lock().deliver(&record.members);
                 } else {
@@ -379,7 +480,14 @@ impl Producer {
         }
     }
 
-    async fn send_request(&self, stream: &str, records: Vec<KinesisRecord>, map: &ShardMap, deadline: Instant, outcome: &Mutex<BatchOutcome>) -> RequestResult {
+    async fn send_request(
+        &self,
+        stream: &str,
+        records: Vec<KinesisRecord>,
+        map: &ShardMap,
+        deadline: Instant,
+        outcome: &Mutex<BatchOutcome>,
+    ) -> RequestResult {
         let lock = || outcome.lock().unwrap_or_else(|p| p.into_inner());
         let mut misrouted = Vec::new();
         let mut todo: Vec<usize> = (0..records.len()).collect();
@@ -387,7 +495,13 @@ impl Producer {
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
         loop {
             if let Some(limiter) = &self.limiter {
-                let usage = todo.iter().map(|&e| (shard_id(map, records[e].shard), 1usize, records[e].billed_size()));
+                let usage = todo.iter().map(|&e| {
+                    (
+                        shard_id(map, records[e].shard),
+                        1usize,
+                        records[e].billed_size(),
+                    )
+                });
                 let wait = limiter.reserve(usage);
                 if !wait.is_zero() {
                     let until = (Instant::now() + wait).min(deadline);
@@ -416,13 +530,27 @@ impl Producer {
             }
             let mut failed: Vec<(usize, Failure)> = Vec::new();
             let mut any_success = false;
-            match self.client.put_records().stream_name(stream).set_records(Some(entries)).send().await {
+            match self
+                .client
+                .put_records()
+                .stream_name(stream)
+                .set_records(Some(entries))
+                .send()
+                .await
+            {
                 Ok(resp) => {
                     let results = resp.records();
                     for (pos, &e) in todo.iter().enumerate() {
                         let r = &records[e];
                         let Some(res) = results.get(pos) else {
-                            failed.push((e, Failure::new(FailureKind::Transient, "MissingResult", "PutRecords answered fewer entries than were sent")));
+                            failed.push((
+                                e,
+                                Failure::new(
+                                    FailureKind::Transient,
+                                    "MissingResult",
+                                    "PutRecords answered fewer entries than were sent",
+                                ),
+                            ));
                             continue;
                         };
                         if let Some(code) = res.error_code() {
@@ -441,7 +569,8 @@ impl Producer {
                             let mut o = lock();
                             o.deliver(&r.members);
                             o.counters.bytes_delivered += r.billed_size() as u64;
-                            o.counters.put_payload_units += r.billed_size().div_ceil(25 * 1024) as u64;
+                            o.counters.put_payload_units +=
+                                r.billed_size().div_ceil(25 * 1024) as u64;
                         }
                     }
                 }
@@ -459,7 +588,9 @@ impl Producer {
                 return RequestResult { misrouted };
             }
             // Records that retrying cannot help fail now; the rest wait and go again.
-            let (retry, hopeless): (Vec<_>, Vec<_>) = failed.into_iter().partition(|(_, f)| f.kind.is_retryable_now());
+            let (retry, hopeless): (Vec<_>, Vec<_>) = failed
+                .into_iter()
+                .partition(|(_, f)| f.kind.is_retryable_now());
             for (e, f) in hopeless {
                 lock().fail(&records[e].members, &f);
             }
@@ -474,7 +605,10 @@ impl Producer {
             let give_up = if attempt > self.config.max_retries {
                 Some(format!("after {attempt} attempts"))
             } else if Instant::now() + delay > deadline {
-                Some(format!("after {attempt} attempts, at the {:?} delivery deadline", self.config.deadline))
+                Some(format!(
+                    "after {attempt} attempts, at the {:?} delivery deadline",
+                    self.config.deadline
+                ))
             } else {
                 None
             };
@@ -492,14 +626,18 @@ impl Producer {
 }
 
 fn shard_id(map: &ShardMap, index: usize) -> &str {
-    map.shards().get(index).map_or(UNKNOWN_SHARD, |s| s.id.as_str())
+    map.shards()
+        .get(index)
+        .map_or(UNKNOWN_SHARD, |s| s.id.as_str())
 }
 
 /// Whether every user record would pass the KCL's range check on `shard`.
 fn all_within(batch: &RecordBatch, members: &[u32], shard: &Shard) -> bool {
     members.iter().all(|&m| {
         let i = m as usize;
-        let hash = batch.explicit_hash_key(i).unwrap_or_else(|| partition_key_hash(batch.partition_key(i).unwrap_or("")));
+        let hash = batch
+            .explicit_hash_key(i)
+            .unwrap_or_else(|| partition_key_hash(batch.partition_key(i).unwrap_or("")));
         hash >= shard.start && hash <= shard.end
     })
 }
@@ -521,7 +659,10 @@ impl Backoff {
     }
 
     fn next(&mut self) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << self.step.min(20)).min(self.max);
+        let exp = self
+            .base
+            .saturating_mul(1u32 << self.step.min(20))
+            .min(self.max);
         self.step += 1;
         let half = exp / 2;
         half + half.mul_f64(rand::thread_rng().gen::<f64>())

@@ -57,7 +57,10 @@ mod tests {
                     .split_whitespace()
                     .filter(|w| *w != "=")
                     .collect();
-                fields.push(format!("{message}.{} {} {} {}", words[2], words[0], words[1], words[3]));
+                fields.push(format!(
+                    "{message}.{} {} {} {}",
+                    words[2], words[0], words[1], words[3]
+                ));
             }
         }
         let expected = vec![
@@ -71,7 +74,10 @@ mod tests {
             "Record.data required bytes 3",
             "Record.tags repeated Tag 4",
         ];
-        assert_eq!(fields, expected, "proto file and proto.rs disagree: update both together");
+        assert_eq!(
+            fields, expected,
+            "proto file and proto.rs disagree: update both together"
+        );
         // The derive attributes above must say the same: check through prost's encoding, with
         // every field set to a value whose wire form shows its tag.
         use prost::Message;
@@ -79,14 +85,28 @@ mod tests {
             partition_key_index: 1,
             explicit_hash_key_index: Some(2),
             data: vec![3],
-            tags: vec![super::Tag { key: "k".into(), value: Some("v".into()) }],
+            tags: vec![super::Tag {
+                key: "k".into(),
+                value: Some("v".into()),
+            }],
         };
-        assert_eq!(rec.encode_to_vec(), vec![0x08, 1, 0x10, 2, 0x1a, 1, 3, 0x22, 6, 0x0a, 1, b'k', 0x12, 1, b'v']);
+        assert_eq!(
+            rec.encode_to_vec(),
+            vec![0x08, 1, 0x10, 2, 0x1a, 1, 3, 0x22, 6, 0x0a, 1, b'k', 0x12, 1, b'v']
+        );
         let agg = super::AggregatedRecord {
             partition_key_table: vec!["p".into()],
             explicit_hash_key_table: vec!["9".into()],
-            records: vec![super::Record { partition_key_index: 0, explicit_hash_key_index: None, data: vec![], tags: vec![] }],
+            records: vec![super::Record {
+                partition_key_index: 0,
+                explicit_hash_key_index: None,
+                data: vec![],
+                tags: vec![],
+            }],
         };
-        assert_eq!(agg.encode_to_vec(), vec![0x0a, 1, b'p', 0x12, 1, b'9', 0x1a, 4, 0x08, 0, 0x1a, 0]);
+        assert_eq!(
+            agg.encode_to_vec(),
+            vec![0x0a, 1, b'p', 0x12, 1, b'9', 0x1a, 4, 0x08, 0, 0x1a, 0]
+        );
     }
 }

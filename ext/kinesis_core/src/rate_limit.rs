@@ -38,19 +38,28 @@ impl ShardRateLimiter {
 
     /// Takes `records` and `bytes` from each shard's bucket and returns how long to wait before
     /// sending so that no shard goes over its rate.
-    pub fn reserve<'a>(&self, usage: impl IntoIterator<Item = (&'a str, usize, usize)>) -> Duration {
+    pub fn reserve<'a>(
+        &self,
+        usage: impl IntoIterator<Item = (&'a str, usize, usize)>,
+    ) -> Duration {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let mut wait: f64 = 0.0;
         for (shard, records, bytes) in usage {
-            let b = buckets.entry(shard.to_string()).or_insert(Bucket { records: self.records_per_sec, bytes: self.bytes_per_sec, at: now });
+            let b = buckets.entry(shard.to_string()).or_insert(Bucket {
+                records: self.records_per_sec,
+                bytes: self.bytes_per_sec,
+                at: now,
+            });
             let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
             b.records = (b.records + elapsed * self.records_per_sec).min(self.records_per_sec);
             b.bytes = (b.bytes + elapsed * self.bytes_per_sec).min(self.bytes_per_sec);
             b.at = now;
             b.records -= records as f64;
             b.bytes -= bytes as f64;
-            wait = wait.max(-b.records / self.records_per_sec).max(-b.bytes / self.bytes_per_sec);
+            wait = wait
+                .max(-b.records / self.records_per_sec)
+                .max(-b.bytes / self.bytes_per_sec);
         }
         Duration::from_secs_f64(wait.max(0.0))
     }
@@ -65,7 +74,10 @@ mod tests {
         let l = ShardRateLimiter::new(100).unwrap();
         assert_eq!(l.reserve([("s1", 1000, 1024 * 1024)]), Duration::ZERO);
         let w = l.reserve([("s1", 1, 512 * 1024)]);
-        assert!(w >= Duration::from_millis(490) && w <= Duration::from_millis(510), "{w:?}");
+        assert!(
+            w >= Duration::from_millis(490) && w <= Duration::from_millis(510),
+            "{w:?}"
+        );
         // Another shard is independent.
         assert_eq!(l.reserve([("s2", 500, 100)]), Duration::ZERO);
         assert!(ShardRateLimiter::new(0).is_none());
@@ -75,6 +87,9 @@ mod tests {
     fn percent_scales_the_rate() {
         let l = ShardRateLimiter::new(50).unwrap();
         let w = l.reserve([("s", 1000, 0)]);
-        assert!(w >= Duration::from_millis(990) && w <= Duration::from_millis(1010), "{w:?}");
+        assert!(
+            w >= Duration::from_millis(990) && w <= Duration::from_millis(1010),
+            "{w:?}"
+        );
     }
 }

@@ -13,7 +13,11 @@ static RUNTIME: Lazy<Mutex<Option<OwnedRuntime>>> = Lazy::new(|| Mutex::new(None
 
 /// Worker threads of the runtime: network waits dominate, so a couple are plenty.
 fn worker_threads() -> usize {
-    std::env::var("KINESIS_RS_WORKER_THREADS").ok().and_then(|v| v.parse().ok()).filter(|n| *n > 0).unwrap_or(2)
+    std::env::var("KINESIS_RS_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(2)
 }
 
 /// The runtime of this process.

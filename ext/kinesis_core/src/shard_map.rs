@@ -37,7 +37,13 @@ impl ShardMap {
 
     /// A map with one shard covering every hash key (used when a stream cannot be listed).
     pub fn whole(id: &str) -> Self {
-        ShardMap { shards: vec![Shard { id: id.to_string(), start: 0, end: u128::MAX }] }
+        ShardMap {
+            shards: vec![Shard {
+                id: id.to_string(),
+                start: 0,
+                end: u128::MAX,
+            }],
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -76,7 +82,11 @@ mod tests {
             .map(|i| Shard {
                 id: format!("shardId-{i:012}"),
                 start: i * step,
-                end: if i == n - 1 { u128::MAX } else { (i + 1) * step - 1 },
+                end: if i == n - 1 {
+                    u128::MAX
+                } else {
+                    (i + 1) * step - 1
+                },
             })
             .collect()
     }

@@ -18,7 +18,11 @@ fn config(endpoint: &str, mode: KeyMode) -> ProducerConfig {
     ProducerConfig {
         region: Some("us-east-1".into()),
         endpoint: Some(endpoint.into()),
-        credentials: Credentials::Static { access_key_id: "AKIDTEST".into(), secret_access_key: "secret".into(), session_token: None },
+        credentials: Credentials::Static {
+            access_key_id: "AKIDTEST".into(),
+            secret_access_key: "secret".into(),
+            session_token: None,
+        },
         key_mode: mode,
         backoff_base: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
@@ -31,7 +35,10 @@ fn config(endpoint: &str, mode: KeyMode) -> ProducerConfig {
 fn batch(n: usize, keys: Option<usize>) -> RecordBatch {
     let mut b = RecordBatch::default();
     for i in 0..n {
-        let data = format!("{{\"seq\":{i},\"line\":\"127.0.0.1 - - GET /index.html?{i} HTTP/1.1 200 {}\"}}\n", "x".repeat(i % 300));
+        let data = format!(
+            "{{\"seq\":{i},\"line\":\"127.0.0.1 - - GET /index.html?{i} HTTP/1.1 200 {}\"}}\n",
+            "x".repeat(i % 300)
+        );
         let key = keys.map(|k| format!("host-{}", i % k));
         b.push(data.as_bytes(), key.as_deref(), None);
     }
@@ -51,7 +58,12 @@ async fn kcl_view(endpoint: &str, stream: &str) -> HashMap<Vec<u8>, usize> {
     let client = support::client(endpoint).await;
     let mut seen = HashMap::new();
     for r in support::read_all(&client, stream).await {
-        for u in kcl_user_records(&r.data, &r.partition_key, r.starting_hash_key, r.ending_hash_key) {
+        for u in kcl_user_records(
+            &r.data,
+            &r.partition_key,
+            r.starting_hash_key,
+            r.ending_hash_key,
+        ) {
             *seen.entry(u.data).or_insert(0) += 1;
         }
     }
@@ -60,9 +72,18 @@ async fn kcl_view(endpoint: &str, stream: &str) -> HashMap<Vec<u8>, usize> {
 
 fn assert_each_once(batch: &RecordBatch, seen: &HashMap<Vec<u8>, usize>) {
     for i in 0..batch.len() {
-        assert_eq!(seen.get(batch.data(i)).copied(), Some(1), "user record {i} was read back {:?} times", seen.get(batch.data(i)));
+        assert_eq!(
+            seen.get(batch.data(i)).copied(),
+            Some(1),
+            "user record {i} was read back {:?} times",
+            seen.get(batch.data(i))
+        );
     }
-    assert_eq!(seen.len(), batch.len(), "records nobody sent were read back");
+    assert_eq!(
+        seen.len(),
+        batch.len(),
+        "records nobody sent were read back"
+    );
 }
 
 fn assert_all_delivered(o: &BatchOutcome) {
@@ -75,16 +96,26 @@ async fn random_keys_spread_over_shards_and_every_record_arrives_once() {
     let k = Kinesalite::start();
     let stream = support::unique_stream_name("random");
     support::create_stream(&support::client(&k.endpoint()).await, &stream, 4).await;
-    let producer = Producer::new(config(&k.endpoint(), KeyMode::RandomPerAggregate)).await.unwrap();
+    let producer = Producer::new(config(&k.endpoint(), KeyMode::RandomPerAggregate))
+        .await
+        .unwrap();
     let b = batch(20_000, None);
     let o = producer.put(&stream, &b, &all(b.len()), never()).await;
     assert_all_delivered(&o);
     assert!(o.counters.aggregates >= 2, "{:?}", o.counters);
-    assert!(o.counters.requests < o.counters.kinesis_records, "records were not batched: {:?}", o.counters);
+    assert!(
+        o.counters.requests < o.counters.kinesis_records,
+        "records were not batched: {:?}",
+        o.counters
+    );
     assert_each_once(&b, &kcl_view(&k.endpoint(), &stream).await);
     // Aggregates are full: all but the last reach at least 90% of the 1 MiB limit.
     let client = support::client(&k.endpoint()).await;
-    let mut sizes: Vec<usize> = support::read_all(&client, &stream).await.iter().map(|r| r.data.len() + r.partition_key.len()).collect();
+    let mut sizes: Vec<usize> = support::read_all(&client, &stream)
+        .await
+        .iter()
+        .map(|r| r.data.len() + r.partition_key.len())
+        .collect();
     sizes.sort();
     assert!(sizes[1] as f64 >= 0.9 * 1024.0 * 1024.0, "{sizes:?}");
     assert!(*sizes.last().unwrap() <= 1024 * 1024);
@@ -108,7 +139,8 @@ async fn per_record_keys_aggregate_per_shard_and_pass_the_kcl_range_check() {
     let mut users = 0;
     for r in support::read_all(&client, &stream).await {
         if let Deaggregated::Aggregate(recs) = deaggregate(&r.data) {
-            kinesis_core::kpl::check_shard_range(&recs, r.starting_hash_key, r.ending_hash_key).expect("aggregate would be dropped by the KCL");
+            kinesis_core::kpl::check_shard_range(&recs, r.starting_hash_key, r.ending_hash_key)
+                .expect("aggregate would be dropped by the KCL");
             assert!(recs.iter().all(|u| u.partition_key.starts_with("host-")));
             users += recs.len();
         } else {
@@ -144,12 +176,18 @@ async fn partial_throttling_5xx_resets_and_timeouts_lose_nothing() {
     proxy.settle().await;
     assert_all_delivered(&o);
     let c = &o.counters;
-    assert!(c.throttled_entries > 0 && c.retried_entries > 0 && c.request_errors >= 4, "{c:?}");
+    assert!(
+        c.throttled_entries > 0 && c.retried_entries > 0 && c.request_errors >= 4,
+        "{c:?}"
+    );
     assert_eq!(proxy.pending(), 0, "not every fault was hit");
     // The timed-out request may have landed as well (as on the real service): at least once.
     let seen = kcl_view(&k.endpoint(), &stream).await;
     for i in 0..b.len() {
-        assert!(seen.get(b.data(i)).copied().unwrap_or(0) >= 1, "user record {i} lost");
+        assert!(
+            seen.get(b.data(i)).copied().unwrap_or(0) >= 1,
+            "user record {i} lost"
+        );
     }
 }
 
@@ -163,21 +201,49 @@ async fn a_shard_split_mid_run_is_recovered_for_kcl_consumers() {
     cfg.aggregation_max_bytes = 32 * 1024;
     let producer = Producer::new(cfg).await.unwrap();
     let first = batch(500, Some(40));
-    assert_all_delivered(&producer.put(&stream, &first, &all(first.len()), never()).await);
+    assert_all_delivered(
+        &producer
+            .put(&stream, &first, &all(first.len()), never())
+            .await,
+    );
     // Split shard 0 in the middle of its range: the producer's cached map is now stale.
     let s0 = &shards[0];
-    support::split_shard(&admin, &stream, &s0.shard_id, s0.starting_hash_key + (s0.ending_hash_key - s0.starting_hash_key) / 2).await;
+    support::split_shard(
+        &admin,
+        &stream,
+        &s0.shard_id,
+        s0.starting_hash_key + (s0.ending_hash_key - s0.starting_hash_key) / 2,
+    )
+    .await;
     let mut second = RecordBatch::default();
     for i in 0..3000 {
-        second.push(format!("after-split-{i}").as_bytes(), Some(&format!("key-{}", i % 200)), None);
+        second.push(
+            format!("after-split-{i}").as_bytes(),
+            Some(&format!("key-{}", i % 200)),
+            None,
+        );
     }
-    let o = producer.put(&stream, &second, &all(second.len()), never()).await;
+    let o = producer
+        .put(&stream, &second, &all(second.len()), never())
+        .await;
     assert_all_delivered(&o);
-    assert!(o.counters.wrong_shard > 0, "the stale map was never noticed: {:?}", o.counters);
-    assert!(o.counters.shard_map_refreshes >= 1 && o.counters.resent_user_records > 0, "{:?}", o.counters);
+    assert!(
+        o.counters.wrong_shard > 0,
+        "the stale map was never noticed: {:?}",
+        o.counters
+    );
+    assert!(
+        o.counters.shard_map_refreshes >= 1 && o.counters.resent_user_records > 0,
+        "{:?}",
+        o.counters
+    );
     let seen = kcl_view(&k.endpoint(), &stream).await;
     for i in 0..second.len() {
-        assert_eq!(seen.get(second.data(i)).copied(), Some(1), "after-split record {i} as a KCL consumer sees it");
+        assert_eq!(
+            seen.get(second.data(i)).copied(),
+            Some(1),
+            "after-split record {i} as a KCL consumer sees it"
+        );
     }
     for i in 0..first.len() {
         assert_eq!(seen.get(first.data(i)).copied(), Some(1));
@@ -192,13 +258,20 @@ async fn failures_are_reported_not_dropped() {
     support::create_stream(&support::client(&k.endpoint()).await, &stream, 2).await;
 
     // A missing stream needs a person, and says what to check.
-    let producer = Producer::new(config(&k.endpoint(), KeyMode::RandomPerAggregate)).await.unwrap();
+    let producer = Producer::new(config(&k.endpoint(), KeyMode::RandomPerAggregate))
+        .await
+        .unwrap();
     let b = batch(10, None);
     let o = producer.put("no-such-stream", &b, &all(10), never()).await;
     assert_eq!(o.counters.failed, 10);
-    let RecordStatus::Failed(i) = o.status[0] else { panic!("{:?}", o.status[0]) };
+    let RecordStatus::Failed(i) = o.status[0] else {
+        panic!("{:?}", o.status[0])
+    };
     let f = &o.failures[i as usize];
-    assert_eq!((f.kind, f.code.as_str()), (FailureKind::NeedsAttention, "ResourceNotFoundException"));
+    assert_eq!(
+        (f.kind, f.code.as_str()),
+        (FailureKind::NeedsAttention, "ResourceNotFoundException")
+    );
     assert!(f.message.contains("stream_name"), "{}", f.message);
     let e = producer.check_stream("no-such-stream").await.unwrap_err();
     assert_eq!(e.code, "ResourceNotFoundException");
@@ -211,9 +284,15 @@ async fn failures_are_reported_not_dropped() {
     let o = producer.put(&stream, &b, &all(10), never()).await;
     proxy.clear();
     assert_eq!(o.counters.failed, 10);
-    let RecordStatus::Failed(i) = o.status[3] else { panic!() };
+    let RecordStatus::Failed(i) = o.status[3] else {
+        panic!()
+    };
     assert_eq!(o.failures[i as usize].kind, FailureKind::Throttled);
-    assert!(o.failures[i as usize].message.contains("after 4 attempts"), "{}", o.failures[i as usize].message);
+    assert!(
+        o.failures[i as usize].message.contains("after 4 attempts"),
+        "{}",
+        o.failures[i as usize].message
+    );
     assert_eq!(o.counters.requests, 4);
 
     // Only the indexes asked for are sent; a record over the limit is refused, not sent.
@@ -229,9 +308,18 @@ async fn failures_are_reported_not_dropped() {
     // Cancellation (shutdown, Thread#kill) ends the delivery promptly; nothing is claimed.
     proxy.always_for("PutRecords", Fault::Delay(Duration::from_secs(30)));
     let started = std::time::Instant::now();
-    let o = producer.put(&stream, &b, &all(10), tokio::time::sleep(Duration::from_millis(300))).await;
+    let o = producer
+        .put(
+            &stream,
+            &b,
+            &all(10),
+            tokio::time::sleep(Duration::from_millis(300)),
+        )
+        .await;
     assert!(started.elapsed() < Duration::from_secs(5));
-    let RecordStatus::Failed(i) = o.status[0] else { panic!() };
+    let RecordStatus::Failed(i) = o.status[0] else {
+        panic!()
+    };
     assert_eq!(o.failures[i as usize].kind, FailureKind::Cancelled);
     proxy.clear();
 }

@@ -42,7 +42,10 @@ pub enum Interrupted {
 }
 
 fn panic_message(p: Box<dyn Any + Send>) -> String {
-    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into())
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// Runs `work` without the GVL. `work` must not touch any Ruby value.
@@ -50,7 +53,10 @@ pub fn without_gvl<F, R>(cancel: &CancelToken, work: F) -> Result<R, Interrupted
 where
     F: FnOnce() -> R,
 {
-    let mut call = Call { work: Some(work), result: None };
+    let mut call = Call {
+        work: Some(work),
+        result: None,
+    };
     // SAFETY: `call` and `cancel` live on this stack frame until rb_thread_call_without_gvl
     // returns, which is after both callbacks can run. `run_call::<F, R>` matches `call`'s type.
     unsafe {

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use magnus::{prelude::*, r_hash::ForEach, Error, RHash, Ruby, TryConvert, Value};
 
-use kinesis_core::chunk::{ruby_time_format, Compression, DataFormat, FormatSpec, Inject, TimeType, TimeZoneSpec};
+use kinesis_core::chunk::{
+    ruby_time_format, Compression, DataFormat, FormatSpec, Inject, TimeType, TimeZoneSpec,
+};
 use kinesis_core::config::{Credentials, KeyMode, ProducerConfig};
 
 use crate::errors::error_class;
@@ -24,7 +26,12 @@ pub struct Opts<'r> {
 
 impl<'r> Opts<'r> {
     pub fn new(ruby: &'r Ruby, hash: RHash, what: &'static str) -> Self {
-        Opts { ruby, hash, what, seen: Default::default() }
+        Opts {
+            ruby,
+            hash,
+            what,
+            seen: Default::default(),
+        }
     }
 
     pub fn get<T: TryConvert>(&self, key: &str) -> Result<Option<T>, Error> {
@@ -32,20 +39,27 @@ impl<'r> Opts<'r> {
         match self.hash.get(key) {
             None => Ok(None),
             Some(v) if v.is_nil() => Ok(None),
-            Some(v) => T::try_convert(v).map(Some).map_err(|e| config_error(self.ruby, format!("{} option {key}: {e}", self.what))),
+            Some(v) => T::try_convert(v)
+                .map(Some)
+                .map_err(|e| config_error(self.ruby, format!("{} option {key}: {e}", self.what))),
         }
     }
 
     pub fn secs(&self, key: &str) -> Result<Option<Duration>, Error> {
         match self.get::<f64>(key)? {
             Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
-            Some(s) => Err(config_error(self.ruby, format!("{} option {key}: {s} is not a number of seconds", self.what))),
+            Some(s) => Err(config_error(
+                self.ruby,
+                format!("{} option {key}: {s} is not a number of seconds", self.what),
+            )),
             None => Ok(None),
         }
     }
 
     pub fn sub(&self, key: &str) -> Result<Option<Opts<'r>>, Error> {
-        Ok(self.get::<RHash>(key)?.map(|h| Opts::new(self.ruby, h, self.what)))
+        Ok(self
+            .get::<RHash>(key)?
+            .map(|h| Opts::new(self.ruby, h, self.what)))
     }
 
     /// Fails on keys nobody asked for.
@@ -61,18 +75,31 @@ impl<'r> Opts<'r> {
         if unknown.is_empty() {
             Ok(())
         } else {
-            Err(config_error(self.ruby, format!("unknown {} option(s): {}", self.what, unknown.join(", "))))
+            Err(config_error(
+                self.ruby,
+                format!("unknown {} option(s): {}", self.what, unknown.join(", ")),
+            ))
         }
     }
 }
 
 fn credentials(ruby: &Ruby, o: &Opts) -> Result<Credentials, Error> {
     let kind: String = o.get("type")?.unwrap_or_else(|| "default".into());
-    let req = |key: &str| -> Result<String, Error> { o.get::<String>(key)?.ok_or_else(|| config_error(ruby, format!("{kind} credentials need {key}"))) };
+    let req = |key: &str| -> Result<String, Error> {
+        o.get::<String>(key)?
+            .ok_or_else(|| config_error(ruby, format!("{kind} credentials need {key}")))
+    };
     let c = match kind.as_str() {
         "default" => Credentials::DefaultChain,
-        "static" => Credentials::Static { access_key_id: req("access_key_id")?, secret_access_key: req("secret_access_key")?, session_token: o.get("session_token")? },
-        "shared" => Credentials::Profile { path: o.get("path")?, profile_name: o.get("profile_name")? },
+        "static" => Credentials::Static {
+            access_key_id: req("access_key_id")?,
+            secret_access_key: req("secret_access_key")?,
+            session_token: o.get("session_token")?,
+        },
+        "shared" => Credentials::Profile {
+            path: o.get("path")?,
+            profile_name: o.get("profile_name")?,
+        },
         "assume_role" => Credentials::AssumeRole {
             role_arn: req("role_arn")?,
             session_name: req("role_session_name")?,
@@ -90,11 +117,28 @@ fn credentials(ruby: &Ruby, o: &Opts) -> Result<Credentials, Error> {
                 None => Credentials::DefaultChain,
             }),
         },
-        "web_identity" => Credentials::WebIdentity { role_arn: req("role_arn")?, session_name: req("role_session_name")?, token_file: req("web_identity_token_file")?, policy: o.get("policy")? },
+        "web_identity" => Credentials::WebIdentity {
+            role_arn: req("role_arn")?,
+            session_name: req("role_session_name")?,
+            token_file: req("web_identity_token_file")?,
+            policy: o.get("policy")?,
+        },
         "ecs" => Credentials::Ecs,
-        "instance_profile" => Credentials::InstanceProfile { endpoint: o.get("endpoint")?, retries: o.get("retries")?, connect_timeout: o.secs("http_open_timeout")?, read_timeout: o.secs("http_read_timeout")? },
-        "process" => Credentials::Process { command: req("process")? },
-        other => return Err(config_error(ruby, format!("unknown credentials type {other:?}"))),
+        "instance_profile" => Credentials::InstanceProfile {
+            endpoint: o.get("endpoint")?,
+            retries: o.get("retries")?,
+            connect_timeout: o.secs("http_open_timeout")?,
+            read_timeout: o.secs("http_read_timeout")?,
+        },
+        "process" => Credentials::Process {
+            command: req("process")?,
+        },
+        other => {
+            return Err(config_error(
+                ruby,
+                format!("unknown credentials type {other:?}"),
+            ))
+        }
     };
     Ok(c)
 }
@@ -107,7 +151,10 @@ pub fn producer_config(ruby: &Ruby, hash: RHash) -> Result<ProducerConfig, Error
     let key_mode = match o.get::<String>("key_mode")?.as_deref().unwrap_or("random") {
         "random" => KeyMode::RandomPerAggregate,
         "per_record" => KeyMode::PerRecord,
-        "fixed" => KeyMode::Fixed(fixed_key.ok_or_else(|| config_error(ruby, "key_mode fixed needs fixed_partition_key"))?),
+        "fixed" => KeyMode::Fixed(
+            fixed_key
+                .ok_or_else(|| config_error(ruby, "key_mode fixed needs fixed_partition_key"))?,
+        ),
         other => return Err(config_error(ruby, format!("unknown key_mode {other:?}"))),
     };
     let creds = match o.sub("credentials")? {
@@ -118,7 +165,9 @@ pub fn producer_config(ruby: &Ruby, hash: RHash) -> Result<ProducerConfig, Error
         }
         None => Credentials::DefaultChain,
     };
-    let max_record_bytes = o.get::<usize>("max_record_size")?.unwrap_or(d.max_record_bytes);
+    let max_record_bytes = o
+        .get::<usize>("max_record_size")?
+        .unwrap_or(d.max_record_bytes);
     let config = ProducerConfig {
         region: o.get("region")?,
         endpoint: o.get("endpoint")?,
@@ -128,15 +177,23 @@ pub fn producer_config(ruby: &Ruby, hash: RHash) -> Result<ProducerConfig, Error
         request_timeout: o.secs("request_timeout")?.unwrap_or(d.request_timeout),
         credentials: creds,
         max_record_bytes,
-        aggregation_max_bytes: o.get::<usize>("aggregation_max_size")?.unwrap_or(max_record_bytes),
-        batch_max_entries: o.get("batch_request_max_count")?.unwrap_or(d.batch_max_entries),
-        batch_max_bytes: o.get("batch_request_max_size")?.unwrap_or(d.batch_max_bytes),
+        aggregation_max_bytes: o
+            .get::<usize>("aggregation_max_size")?
+            .unwrap_or(max_record_bytes),
+        batch_max_entries: o
+            .get("batch_request_max_count")?
+            .unwrap_or(d.batch_max_entries),
+        batch_max_bytes: o
+            .get("batch_request_max_size")?
+            .unwrap_or(d.batch_max_bytes),
         concurrency: o.get("concurrency")?.unwrap_or(d.concurrency),
         rate_limit_percent: o.get("rate_limit")?.unwrap_or(d.rate_limit_percent),
         max_retries: o.get("retries")?.unwrap_or(d.max_retries),
         backoff_base: o.secs("backoff_base")?.unwrap_or(d.backoff_base),
         backoff_max: o.secs("backoff_max")?.unwrap_or(d.backoff_max),
-        reset_backoff_if_success: o.get("reset_backoff_if_success")?.unwrap_or(d.reset_backoff_if_success),
+        reset_backoff_if_success: o
+            .get("reset_backoff_if_success")?
+            .unwrap_or(d.reset_backoff_if_success),
         deadline: o.secs("deadline")?.unwrap_or(d.deadline),
         key_mode,
         user_agent_suffix: o.get("user_agent")?,
@@ -155,7 +212,10 @@ pub fn format_spec(ruby: &Ruby, hash: RHash) -> Result<FormatSpec, Error> {
     let data_key: Option<String> = o.get("data_key")?;
     let format = match o.get::<String>("format")?.as_deref().unwrap_or("json") {
         "json" => DataFormat::Json { add_newline },
-        "single_value" => DataFormat::SingleValue { message_key: o.get("message_key")?.unwrap_or_else(|| "message".into()), add_newline },
+        "single_value" => DataFormat::SingleValue {
+            message_key: o.get("message_key")?.unwrap_or_else(|| "message".into()),
+            add_newline,
+        },
         "msgpack" => DataFormat::Msgpack,
         // data_key bypasses the formatter, so any formatter will do.
         _ if data_key.is_some() => DataFormat::Json { add_newline },
@@ -165,7 +225,12 @@ pub fn format_spec(ruby: &Ruby, hash: RHash) -> Result<FormatSpec, Error> {
         None | Some("") => Compression::None,
         Some("zlib") => Compression::Zlib,
         Some("gzip") => Compression::Gzip,
-        Some(other) => return Err(config_error(ruby, format!("compression {other:?}: use zlib or gzip, or leave it unset"))),
+        Some(other) => {
+            return Err(config_error(
+                ruby,
+                format!("compression {other:?}: use zlib or gzip, or leave it unset"),
+            ))
+        }
     };
     let mut inject = Inject::default();
     if let Some(i) = o.sub("inject")? {
@@ -186,20 +251,32 @@ pub fn format_spec(ruby: &Ruby, hash: RHash) -> Result<FormatSpec, Error> {
                 "unixtime_nanos" => TimeType::UnixtimeNanos,
                 "float" => TimeType::Float,
                 "string" => {
-                    let fmt: String = i.get("time_format")?.unwrap_or_else(|| "%Y-%m-%dT%H:%M:%S.%N%z".into());
-                    let items = ruby_time_format(&fmt).ok_or_else(|| needs_ruby(format!("time_format {fmt:?} is formatted by fluentd")))?;
+                    let fmt: String = i
+                        .get("time_format")?
+                        .unwrap_or_else(|| "%Y-%m-%dT%H:%M:%S.%N%z".into());
+                    let items = ruby_time_format(&fmt).ok_or_else(|| {
+                        needs_ruby(format!("time_format {fmt:?} is formatted by fluentd"))
+                    })?;
                     let zone = match i.get::<Value>("zone")? {
                         None => TimeZoneSpec::Local,
                         Some(v) => match String::try_convert(v) {
                             Ok(s) if s == "utc" => TimeZoneSpec::Utc,
                             Ok(s) if s == "local" => TimeZoneSpec::Local,
-                            Ok(s) => return Err(needs_ruby(format!("time zone {s:?} is formatted by fluentd"))),
+                            Ok(s) => {
+                                return Err(needs_ruby(format!(
+                                    "time zone {s:?} is formatted by fluentd"
+                                )))
+                            }
                             Err(_) => TimeZoneSpec::Fixed(i32::try_convert(v)?),
                         },
                     };
                     TimeType::String { items, zone }
                 }
-                other => return Err(needs_ruby(format!("time_type {other:?} is formatted by fluentd"))),
+                other => {
+                    return Err(needs_ruby(format!(
+                        "time_type {other:?} is formatted by fluentd"
+                    )))
+                }
             };
             inject.time = Some((k, tt));
         }
@@ -216,7 +293,9 @@ pub fn format_spec(ruby: &Ruby, hash: RHash) -> Result<FormatSpec, Error> {
         inject,
         partition_key_field: o.get("partition_key")?,
         explicit_hash_key_field: o.get("explicit_hash_key")?,
-        max_data_bytes: o.get("max_record_size")?.unwrap_or(kinesis_core::kpl::DEFAULT_MAX_RECORD_BYTES),
+        max_data_bytes: o
+            .get("max_record_size")?
+            .unwrap_or(kinesis_core::kpl::DEFAULT_MAX_RECORD_BYTES),
     };
     o.finish()?;
     Ok(spec)

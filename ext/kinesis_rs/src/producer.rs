@@ -37,18 +37,28 @@ fn bytes_of(s: RString) -> Vec<u8> {
     unsafe { s.as_slice() }.to_vec()
 }
 
-#[magnus::wrap(class = "FluentPluginKinesisRs::Native::Formatter", free_immediately, size)]
+#[magnus::wrap(
+    class = "FluentPluginKinesisRs::Native::Formatter",
+    free_immediately,
+    size
+)]
 pub struct RbFormatter {
     spec: Arc<FormatSpec>,
 }
 
 impl RbFormatter {
     fn new(ruby: &Ruby, options: RHash) -> Result<Self, Error> {
-        Ok(RbFormatter { spec: Arc::new(format_spec(ruby, options)?) })
+        Ok(RbFormatter {
+            spec: Arc::new(format_spec(ruby, options)?),
+        })
     }
 }
 
-#[magnus::wrap(class = "FluentPluginKinesisRs::Native::Producer", free_immediately, size)]
+#[magnus::wrap(
+    class = "FluentPluginKinesisRs::Native::Producer",
+    free_immediately,
+    size
+)]
 pub struct RbProducer {
     inner: Mutex<Option<Arc<Producer>>>,
 }
@@ -57,15 +67,28 @@ impl RbProducer {
     /// Builds the client (credentials providers, TLS) on the runtime, without the GVL.
     fn new(ruby: &Ruby, options: RHash) -> Result<Self, Error> {
         let config = producer_config(ruby, options)?;
-        let rt = runtime().map_err(|e| error(ruby, "InternalError", format!("cannot start the tokio runtime: {e}")))?;
+        let rt = runtime().map_err(|e| {
+            error(
+                ruby,
+                "InternalError",
+                format!("cannot start the tokio runtime: {e}"),
+            )
+        })?;
         let cancel = CancelToken::new();
-        let built = without_gvl(&cancel, || rt.block_on(Producer::new(config))).map_err(|i| interrupted(ruby, i))?;
+        let built = without_gvl(&cancel, || rt.block_on(Producer::new(config)))
+            .map_err(|i| interrupted(ruby, i))?;
         let producer = built.map_err(|e| error(ruby, "ConfigurationError", e))?;
-        Ok(RbProducer { inner: Mutex::new(Some(Arc::new(producer))) })
+        Ok(RbProducer {
+            inner: Mutex::new(Some(Arc::new(producer))),
+        })
     }
 
     fn producer(&self, ruby: &Ruby) -> Result<Arc<Producer>, Error> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or_else(|| error(ruby, "ClosedError", "the producer is closed"))
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| error(ruby, "ClosedError", "the producer is closed"))
     }
 
     /// Lists the stream's open shards; returns how many. Raises StreamError saying what to fix.
@@ -85,29 +108,61 @@ impl RbProducer {
         match result {
             None => Err(error(ruby, "InterruptedError", "stream check interrupted")),
             Some(Ok(map)) => Ok(map.len()),
-            Some(Err(f)) => Err(error(ruby, "StreamError", format!("stream {stream:?}: {f}"))),
+            Some(Err(f)) => Err(error(
+                ruby,
+                "StreamError",
+                format!("stream {stream:?}: {f}"),
+            )),
         }
     }
 
     /// Formats and delivers a chunk in fluentd's standard format.
-    fn put_chunk(ruby: &Ruby, rb_self: &Self, stream: String, formatter: &RbFormatter, chunk: RString, tag: Option<String>, previously: Option<RString>) -> Result<RHash, Error> {
+    fn put_chunk(
+        ruby: &Ruby,
+        rb_self: &Self,
+        stream: String,
+        formatter: &RbFormatter,
+        chunk: RString,
+        tag: Option<String>,
+        previously: Option<RString>,
+    ) -> Result<RHash, Error> {
         let producer = rb_self.producer(ruby)?;
         let spec = formatter.spec.clone();
         let chunk = bytes_of(chunk);
         let previously = previously.map(|p| EventBits(bytes_of(p)));
         let rt = runtime().map_err(|e| error(ruby, "InternalError", e.to_string()))?;
         let cancel = CancelToken::new();
-        let result = without_gvl(&cancel, || rt.block_on(deliver_chunk(&producer, &stream, &spec, &chunk, tag.as_deref(), previously.as_ref(), &cancel))).map_err(|i| interrupted(ruby, i))?;
+        let result = without_gvl(&cancel, || {
+            rt.block_on(deliver_chunk(
+                &producer,
+                &stream,
+                &spec,
+                &chunk,
+                tag.as_deref(),
+                previously.as_ref(),
+                &cancel,
+            ))
+        })
+        .map_err(|i| interrupted(ruby, i))?;
         match result {
             Ok(outcome) => outcome_hash(ruby, &outcome),
             Err(FormatError::NeedsRuby(why)) => Err(error(ruby, "NeedsRubyFormattingError", why)),
-            Err(e @ FormatError::Corrupt(_)) => Err(error(ruby, "CorruptChunkError", e.to_string())),
+            Err(e @ FormatError::Corrupt(_)) => {
+                Err(error(ruby, "CorruptChunkError", e.to_string()))
+            }
         }
     }
 
     /// Delivers records formatted in Ruby: `records` is an Array of
     /// `[event_index, data, partition_key or nil, explicit_hash_key or nil]`.
-    fn put_records(ruby: &Ruby, rb_self: &Self, stream: String, records: RArray, event_count: u32, previously: Option<RString>) -> Result<RHash, Error> {
+    fn put_records(
+        ruby: &Ruby,
+        rb_self: &Self,
+        stream: String,
+        records: RArray,
+        event_count: u32,
+        previously: Option<RString>,
+    ) -> Result<RHash, Error> {
         let producer = rb_self.producer(ruby)?;
         let mut batch = RecordBatch::with_capacity(records.len(), 0);
         let mut events = Vec::with_capacity(records.len());
@@ -133,7 +188,18 @@ impl RbProducer {
         let previously = previously.map(|p| EventBits(bytes_of(p)));
         let rt = runtime().map_err(|e| error(ruby, "InternalError", e.to_string()))?;
         let cancel = CancelToken::new();
-        let mut outcome = without_gvl(&cancel, || rt.block_on(deliver_records(&producer, &stream, batch, &events, event_count, previously.as_ref(), &cancel))).map_err(|i| interrupted(ruby, i))?;
+        let mut outcome = without_gvl(&cancel, || {
+            rt.block_on(deliver_records(
+                &producer,
+                &stream,
+                batch,
+                &events,
+                event_count,
+                previously.as_ref(),
+                &cancel,
+            ))
+        })
+        .map_err(|i| interrupted(ruby, i))?;
         outcome.refused.extend(refused);
         outcome.refused.sort_by_key(|r| r.0);
         outcome_hash(ruby, &outcome)
@@ -145,7 +211,10 @@ impl RbProducer {
     }
 
     fn is_closed(&self) -> bool {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
     }
 }
 
