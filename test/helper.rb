@@ -48,12 +48,13 @@ module TestHelper
   FLUENTD_AVAILABLE, FLUENTD_SOURCE = locate_fluentd
 
   @fluentd_loaded = false
-  @skip_reported = false
+  @skipped = []
 
   # For a test file that needs fluentd, at its top:
   #   return unless TestHelper.fluentd!("out_kinesis_streams_aggregated tests")
-  # Loads fluentd's test drivers and returns true; without fluentd, prints ONE loud line naming
-  # what is missing and returns false (or aborts when FLUENTD_REQUIRED=1).
+  # Loads fluentd's test drivers and returns true; without fluentd, returns false (or aborts
+  # when FLUENTD_REQUIRED=1), and ONE loud line naming what is missing and every suite skipped
+  # is printed before the tests run.
   def self.fluentd!(what)
     if FLUENTD_AVAILABLE
       unless @fluentd_loaded
@@ -65,10 +66,16 @@ module TestHelper
       end
       return true
     end
-    line = "SKIPPED #{what}: #{FLUENTD_SOURCE}; set FLUENTD_LIB=<serverengine>/lib:<fluentd>/lib to run them"
-    abort("FAILED (FLUENTD_REQUIRED=1) #{line}") if ENV["FLUENTD_REQUIRED"] == "1"
-    warn("*** #{line} ***") unless @skip_reported
-    @skip_reported = true
+    abort("FAILED (FLUENTD_REQUIRED=1): #{what} need fluentd; #{FLUENTD_SOURCE}") if ENV["FLUENTD_REQUIRED"] == "1"
+    if @skipped.empty?
+      # Runs before test-unit's own at_exit (registered earlier, so run later): the line comes
+      # before the tests and the summary stays last.
+      at_exit do
+        warn("*** SKIPPED #{@skipped.join(", ")}: #{FLUENTD_SOURCE}; " \
+             "set FLUENTD_LIB=<serverengine>/lib:<fluentd>/lib to run them ***")
+      end
+    end
+    @skipped << what
     false
   end
 
@@ -88,3 +95,5 @@ module TestHelper
     JSON.parse(out)
   end
 end
+
+FLUENTD_AVAILABLE = TestHelper::FLUENTD_AVAILABLE
