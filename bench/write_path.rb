@@ -5,6 +5,8 @@
 # per plugin, each in its own process with its own RUBYLIB):
 #
 #   ruby bench/write_path.rb ENDPOINT STREAM RECORDS
+#   ruby bench/write_path.rb - - RECORDS null     fluentd's own share: `@type null` with the
+#                                                 same memory buffer (8 MiB chunks by tag)
 #
 # The events are the apache2 parser's records of RECORDS bench lines, fed as in_tail emits them
 # (event streams of 1,000) into the plugin's default memory buffer. First a warm-up of WARMUP
@@ -25,14 +27,16 @@
 
 require "json"
 require "fluent/test"
+require "fluent/version"
 require "fluent/test/driver/output"
 require "fluent/plugin/parser_apache2"
 require_relative "apache_log"
 
 Test::Unit::AutoRunner.need_auto_run = false
 
-endpoint, stream, count = ARGV
+endpoint, stream, count, type = ARGV
 count = Integer(count)
+type ||= "kinesis_streams_aggregated"
 WARMUP = 1000
 
 # The driver keeps every #format result for assertions; a benchmark must not.
@@ -83,20 +87,30 @@ end
 warmup = packed_streams.(count...count + WARMUP)
 slices = packed_streams.(0...count)
 
-klass = Fluent::Plugin.new_output("kinesis_streams_aggregated").class
-implementation = if defined?(FluentPluginKinesisRs::VERSION) then "fluent-plugin-kinesis-rs #{FluentPluginKinesisRs::VERSION}"
+klass = Fluent::Plugin.new_output(type).class
+implementation = if type == "null" then "fluentd #{Fluent::VERSION} null output, buffered"
+                 elsif defined?(FluentPluginKinesisRs::VERSION) then "fluent-plugin-kinesis-rs #{FluentPluginKinesisRs::VERSION}"
                  elsif defined?(FluentPluginKinesis::VERSION) then "fluent-plugin-kinesis #{FluentPluginKinesis::VERSION}"
                  else klass.name
                  end
 
 driver = BenchOutputDriver.new(klass)
-driver.configure(<<~CONF)
-  stream_name #{stream}
-  region ap-northeast-1
-  endpoint #{endpoint}
-  aws_key_id AKIDBENCH
-  aws_sec_key bench-secret
-CONF
+if type == "null"
+  # out_null's own buffer defaults (10 KiB chunks) are for tests; use the memory buffer's.
+  driver.configure(<<~CONF)
+    <buffer tag>
+      chunk_limit_size 8m
+    </buffer>
+  CONF
+else
+  driver.configure(<<~CONF)
+    stream_name #{stream}
+    region ap-northeast-1
+    endpoint #{endpoint}
+    aws_key_id AKIDBENCH
+    aws_sec_key bench-secret
+  CONF
+end
 plugin = driver.instance
 
 # #write waits while the gate (a queue) is open for pushing; closing it lets every write through.
