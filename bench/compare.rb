@@ -1,6 +1,6 @@
 # frozen_string_literal: true
 
-# Issue 5's benchmark: this plugin against the one it replaces, on this machine, in one run.
+# The side-by-side benchmark: this plugin against the one it replaces, on this machine, in one run.
 #
 #   script/bench                         (builds the extension in release, then runs this)
 #   LINES=200000 SHARDS=16 WRITE_PATH_RECORDS=100000 ruby bench/compare.rb
