@@ -495,7 +495,6 @@ def report_write_path(paths)
   rows << row.("total CPU µs per record") { |r| total.(r) }
   rows << row.("  above null's (the plugin's own)") { |r| r.equal?(null) ? "-" : own.(r) }
   rows << row.("  every run's total") { |r| r["all_totals_us"].map { |t| Bench.fmt(t, 1) }.join(" ") }
-  rows << row.("(events' construction, not counted)") { |r| Bench.fmt(us.(r, "unpack_cpu_s"), 2) }
   rows << row.("write wall s") { |r| Bench.fmt(r["write_wall_s"], 2) }
   rows << row.("Ruby objects allocated per record", 1) { |r| (r["emit_allocated_objects"] + r["write_allocated_objects"]).to_f / n }
   rows << row.("GC runs (emit + write)") { |r| "#{r["emit_gc_runs"]} + #{r["write_gc_runs"]}" }
