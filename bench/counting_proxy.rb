@@ -66,9 +66,7 @@ class CountingProxy
         client.write("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: #{body.bytesize}\r\n\r\n#{body}")
         next
       end
-      upstream ||= TCPSocket.new(@upstream_host, @upstream_port).tap { |s| s.setsockopt(Socket::IPPROTO_TCP, Socket::TCP_NODELAY, 1) }
-      upstream.write(request[:raw])
-      response = read_message(upstream, request: false) or raise "upstream closed the connection"
+      upstream, response = exchange(upstream, request)
       client.write(response[:raw])
       account(request, response)
       if close?(request) || close?(response)
@@ -78,10 +76,32 @@ class CountingProxy
       end
     end
   rescue IOError, SystemCallError => e
-    warn "counting_proxy: connection ended: #{e.class}: #{e.message}" unless e.is_a?(EOFError)
+    warn "counting_proxy: connection ended: #{e.class}: #{e.message}" unless e.is_a?(EOFError) || e.is_a?(Errno::ECONNRESET)
   ensure
     client.close unless client.closed?
     upstream&.close
+  end
+
+  # Sends the request upstream and reads the answer: [upstream socket, response]. The server
+  # closes keep-alive connections that sat idle (node: after 5 s); a request that meets such a
+  # connection (write fails, or EOF before any byte of an answer) was never processed, so it
+  # goes again once over a new connection.
+  def exchange(upstream, request)
+    fresh = upstream.nil?
+    upstream ||= connect
+    upstream.write(request[:raw])
+    response = read_message(upstream, request: false) or raise EOFError, "upstream closed the connection"
+    [upstream, response]
+  rescue EOFError, Errno::EPIPE, Errno::ECONNRESET
+    upstream&.close
+    raise if fresh
+
+    @lock.synchronize { @targets["(upstream reconnects)"] += 1 }
+    exchange(nil, request)
+  end
+
+  def connect
+    TCPSocket.new(@upstream_host, @upstream_port).tap { |s| s.setsockopt(Socket::IPPROTO_TCP, Socket::TCP_NODELAY, 1) }
   end
 
   # One HTTP/1.1 message: {start:, headers: {lowercase name => value}, body:, raw:} or nil at
