@@ -184,31 +184,93 @@ class KinesisFaultsTest < Test::Unit::TestCase
     d&.instance_shutdown
   end
 
-  test "Thread#kill cancels a write blocked on a slow Kinesis" do
+  # Starts writing chunk in a thread and returns once its first PutRecords call reached the proxy.
+  def write_in_thread(d, chunk)
+    writer = Thread.new { d.instance.write(chunk) }
+    writer.report_on_exception = false
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 10
+    sleep 0.05 until @proxy.stats["requests"]["PutRecords"] || Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+    sleep 0.2
+    assert_equal "sleep", writer.status, "the write should be waiting on the network"
+    writer
+  end
+
+  test "Thread#kill ends the wait at once; the request in flight still completes and is not sent again" do
     stream = @kinesis.create_stream(@kinesis.unique_stream, 1)
     d = driver(config(stream))
     d.instance_start
-    @proxy.always("delay_ms 30000")
+    @proxy.push(1, "delay_ms 3000")
     chunk = chunk_of([[event_time, { "a" => 1 }]])
-    writer = Thread.new { d.instance.write(chunk) }
-    writer.report_on_exception = false
-    sleep 0.5
-    # On a busy machine the call may take longer to reach the proxy.
-    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + 5
-    sleep 0.1 until @proxy.stats["requests"]["PutRecords"] || Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
-    assert_equal "sleep", writer.status, "the write should be waiting on the network"
+    writer = write_in_thread(d, chunk)
     killed_at = Process.clock_gettime(Process::CLOCK_MONOTONIC)
     writer.kill
     assert_not_nil writer.join(5), "the killed thread is still blocked in the extension"
     assert_operator Process.clock_gettime(Process::CLOCK_MONOTONIC) - killed_at, :<, 2
-    assert_equal 1, @proxy.stats["requests"]["PutRecords"]
 
-    # Nothing is wedged: the same plugin delivers the chunk once the network is back.
-    @proxy.clear
+    # fluentd retries the chunk: the write first collects the interrupted delivery, whose
+    # request landed, and sends nothing again.
     d.instance.write(chunk)
+    assert_equal 1, @proxy.stats["requests"]["PutRecords"]
+    assert_equal ["{\"a\":1}\n"], read_back(stream)
+    assert_equal 1, d.instance.kinesis_statistics["kinesis_delivered"]
+  ensure
+    d&.instance_shutdown
+  end
+
+  test "Thread#raise propagates; a retry of the chunk resends only what the interrupted delivery did not deliver" do
+    stream = @kinesis.create_stream(@kinesis.unique_stream, 2)
+    # Two requests, one after the other: the first is in flight when the thread is interrupted,
+    # the second is never started.
+    d = driver(config(stream, "max_concurrent_requests 1
+batch_request_max_count 1
+aggregation_max_size 4k"))
+    d.instance_start
+    @proxy.push(1, "delay_ms 2000")
+    events = records(60).map { |r| [event_time, r] }
+    writer = write_in_thread(d, chunk_of(events))
+    writer.raise(RuntimeError, "interrupted by the test")
+    error = assert_raise(RuntimeError) { writer.join(5) }
+    assert_equal "interrupted by the test", error.message
+    d.instance.write(chunk_of(events))
+    assert_equal expected_data(events.map(&:last)), read_back(stream)
+    assert_equal 60, d.instance.kinesis_statistics["kinesis_delivered"]
+  ensure
+    d&.instance_shutdown
+  end
+
+  test "Thread#wakeup and #run (fluentd's stop sequence) do not interrupt a write" do
+    stream = @kinesis.create_stream(@kinesis.unique_stream, 1)
+    d = driver(config(stream))
+    d.instance_start
+    @proxy.push(1, "delay_ms 1500")
+    chunk = chunk_of([[event_time, { "a" => 1 }]])
+    writer = write_in_thread(d, chunk)
+    5.times do
+      writer.wakeup
+      writer.run
+      sleep 0.05
+    end
+    assert_not_nil writer.join(10)
+    assert_nil writer.value
+    assert_equal 1, @proxy.stats["requests"]["PutRecords"]
     assert_equal ["{\"a\":1}\n"], read_back(stream)
   ensure
     d&.instance_shutdown
+  end
+
+  test "the test driver ending while chunks are in flight delivers every record" do
+    stream = @kinesis.create_stream(@kinesis.unique_stream, 2)
+    d = driver(config(stream, "<buffer>\nflush_interval 1s\nchunk_limit_records 2000\n</buffer>"))
+    @proxy.always("delay_ms 1500")
+    events = records(14_000).map { |r| [event_time, r] }
+    d.run(default_tag: "t", timeout: 120, wait_flush_completion: false) do
+      d.feed(events)
+      sleep 1.5 # a flush is in flight when the run ends
+    end
+    assert_equal expected_data(events.map(&:last)), read_back(stream)
+    assert_empty d.logs.grep(/unexpected error|Cancelled/), d.logs.join
+  ensure
+    @proxy&.clear
   end
 
   private

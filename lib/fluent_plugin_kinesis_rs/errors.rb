@@ -34,6 +34,9 @@ module FluentPluginKinesisRs
   # The producer was used after it was closed.
   class ClosedError < Error; end
 
+  # A chunk's progress file cannot be read or written.
+  class ProgressError < Error; end
+
   # A bug in the Rust extension (a caught panic); retryable.
   class InternalError < Error; end
 end

@@ -10,6 +10,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use kinesis_core::batch::RecordBatch;
+use kinesis_core::cancel::CancelToken;
 use kinesis_core::config::{Credentials, KeyMode, ProducerConfig};
 use kinesis_core::producer::Producer;
 
@@ -99,7 +100,7 @@ fn main() {
             let cpu0 = cpu_seconds();
             let t0 = Instant::now();
             let o = producer
-                .put(&stream, &batch, &idx, std::future::pending::<()>())
+                .put(&stream, &batch, &idx, &CancelToken::new(), &|_| {})
                 .await;
             (o, t0.elapsed(), cpu_seconds() - cpu0)
         });

@@ -1,4 +1,5 @@
-//! A cancellation signal that a non-async thread (Ruby's unblock function) can fire.
+//! A one-way signal that any thread can fire and async code can wait for: "stop starting new
+//! work" for a delivery, "finished" for its waiter, "wake up" for a Ruby interrupt.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -33,6 +34,22 @@ impl CancelToken {
                 return;
             }
             notified.await;
+        }
+    }
+}
+
+/// Runs a closure when dropped, also while unwinding from a panic: a waiter is told that a
+/// task ended however it ended.
+pub struct OnDrop<F: FnOnce()>(Option<F>);
+
+pub fn on_drop<F: FnOnce()>(f: F) -> OnDrop<F> {
+    OnDrop(Some(f))
+}
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
         }
     }
 }

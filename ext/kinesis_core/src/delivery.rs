@@ -1,11 +1,15 @@
 //! One fluentd buffer chunk, start to finish: format its events, skip those an earlier attempt
-//! already delivered, deliver the rest, and report per event.
+//! already delivered, deliver the rest, keep the progress as responses arrive, and report per
+//! event.
+
+use std::sync::{Arc, Mutex};
 
 use crate::batch::RecordBatch;
-use crate::cancel::CancelToken;
+use crate::cancel::{on_drop, CancelToken};
 use crate::chunk::{format_chunk, FormatError, FormatSpec};
 use crate::error::Failure;
 use crate::producer::{Counters, Producer, RecordStatus};
+use crate::progress::ProgressFile;
 
 /// A bit per chunk event.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -55,16 +59,181 @@ impl ChunkOutcome {
     }
 }
 
+/// What to deliver for one chunk.
+pub enum Job {
+    /// The chunk's bytes in fluentd's standard format, formatted here.
+    Chunk {
+        spec: Arc<FormatSpec>,
+        chunk: Vec<u8>,
+        tag: Option<String>,
+    },
+    /// User records formatted by the plugin (fluentd's formatter); `events[i]` is the chunk
+    /// event of record `i`.
+    Records {
+        batch: RecordBatch,
+        events: Vec<u32>,
+        event_count: u32,
+        /// Events the plugin already found unsendable.
+        refused: Vec<(u32, String)>,
+    },
+}
+
+/// One chunk's delivery, running on the runtime on its own. The thread that started it waits
+/// for it, and may stop waiting (a Ruby interrupt) and come back: the delivery goes on
+/// regardless, and keeps its progress, in memory and (with a file buffer) on disk.
+pub struct Delivery {
+    /// Fired to stop starting new requests (the waiter was killed): in-flight ones finish.
+    stop: CancelToken,
+    finished: CancelToken,
+    result: Mutex<Option<Result<ChunkOutcome, FormatError>>>,
+    progress: Arc<Progress>,
+}
+
+/// Events delivered so far (from earlier attempts too), and where they are persisted.
+struct Progress {
+    bits: Mutex<EventBits>,
+    file: Option<ProgressFile>,
+    /// The first failure to write the progress file, for the plugin to log.
+    file_error: Mutex<Option<String>>,
+}
+
+impl Progress {
+    /// Records events as delivered and persists the new state.
+    fn record(&self, events: impl Iterator<Item = u32>) {
+        let mut bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+        for e in events {
+            bits.set(e);
+        }
+        if let Some(file) = &self.file {
+            if let Err(e) = file.write(&bits) {
+                self.file_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
+impl Delivery {
+    /// Starts delivering `job` on `runtime`. `previously`: events an earlier attempt delivered
+    /// or refused, which are skipped. `file`: where to persist progress (file buffers).
+    pub fn start(
+        runtime: &tokio::runtime::Runtime,
+        producer: Arc<Producer>,
+        stream: String,
+        job: Job,
+        previously: Option<EventBits>,
+        file: Option<ProgressFile>,
+    ) -> Arc<Delivery> {
+        let delivery = Arc::new(Delivery {
+            stop: CancelToken::new(),
+            finished: CancelToken::new(),
+            result: Mutex::new(None),
+            progress: Arc::new(Progress {
+                bits: Mutex::new(previously.clone().unwrap_or_default()),
+                file,
+                file_error: Mutex::new(None),
+            }),
+        });
+        let d = delivery.clone();
+        runtime.spawn(async move {
+            // Fires even if the delivery panics, so its waiter is never left waiting.
+            let _finished = on_drop(|| d.finished.cancel());
+            let previously = previously.as_ref();
+            let result = match job {
+                Job::Chunk { spec, chunk, tag } => {
+                    deliver_chunk(
+                        &producer,
+                        &stream,
+                        &spec,
+                        &chunk,
+                        tag.as_deref(),
+                        previously,
+                        &d,
+                    )
+                    .await
+                }
+                Job::Records {
+                    batch,
+                    events,
+                    event_count,
+                    refused,
+                } => {
+                    let mut o = deliver_records(
+                        &producer,
+                        &stream,
+                        batch,
+                        &events,
+                        event_count,
+                        previously,
+                        &d,
+                    )
+                    .await;
+                    o.refused.extend(refused);
+                    o.refused.sort_by_key(|r| r.0);
+                    Ok(o)
+                }
+            };
+            *d.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+        });
+        delivery
+    }
+
+    /// Completes when the delivery has finished.
+    pub async fn finished(&self) {
+        self.finished.cancelled().await
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished.is_cancelled()
+    }
+
+    /// The signal that fires when the delivery has finished (for waiters outside async code).
+    pub fn finished_token(&self) -> &CancelToken {
+        &self.finished
+    }
+
+    /// Nobody waits any more: start no new request. Requests already sent finish, and their
+    /// outcome is kept for whoever collects the result.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// The result, once: `None` before the delivery finished or after it was taken.
+    pub fn take_result(&self) -> Option<Result<ChunkOutcome, FormatError>> {
+        self.result.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Events delivered so far, by this delivery or the attempts before it.
+    pub fn progress(&self) -> EventBits {
+        self.progress
+            .bits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The first error writing the progress file, if any.
+    pub fn progress_file_error(&self) -> Option<String> {
+        self.progress
+            .file_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
 /// Formats and delivers a chunk in fluentd's standard format. `FormatError::NeedsRuby` means the
-/// plugin must format this chunk itself and call [`deliver_records`].
-pub async fn deliver_chunk(
+/// plugin must format this chunk itself and deliver [`Job::Records`].
+async fn deliver_chunk(
     producer: &Producer,
     stream: &str,
     spec: &FormatSpec,
     chunk: &[u8],
     tag: Option<&str>,
     previously: Option<&EventBits>,
-    cancel: &CancelToken,
+    delivery: &Delivery,
 ) -> Result<ChunkOutcome, FormatError> {
     let skip = |i: u32| previously.is_some_and(|p| p.get(i));
     let formatted = format_chunk(spec, chunk, tag, &skip)?;
@@ -75,7 +244,7 @@ pub async fn deliver_chunk(
         &formatted.events,
         formatted.event_count,
         previously,
-        cancel,
+        delivery,
     )
     .await;
     outcome.refused.extend(formatted.refused);
@@ -84,20 +253,24 @@ pub async fn deliver_chunk(
 }
 
 /// Delivers user records already formatted; `events[i]` is the chunk event of record `i`.
-pub async fn deliver_records(
+async fn deliver_records(
     producer: &Producer,
     stream: &str,
     batch: RecordBatch,
     events: &[u32],
     event_count: u32,
     previously: Option<&EventBits>,
-    cancel: &CancelToken,
+    delivery: &Delivery,
 ) -> ChunkOutcome {
     let mut delivered = previously.cloned().unwrap_or_default();
     delivered.0.resize((event_count as usize).div_ceil(8), 0);
     let indexes: Vec<u32> = (0..batch.len() as u32).collect();
+    let progress = delivery.progress.clone();
+    let on_delivered = move |members: &[u32]| {
+        progress.record(members.iter().map(|&m| events[m as usize]));
+    };
     let result = producer
-        .put(stream, &batch, &indexes, cancel.cancelled())
+        .put(stream, &batch, &indexes, &delivery.stop, &on_delivered)
         .await;
     let mut refused = Vec::new();
     let mut counts = vec![0u32; result.failures.len()];

@@ -12,6 +12,7 @@ pub mod hashkey;
 pub mod kpl;
 pub mod msgpack;
 pub mod producer;
+pub mod progress;
 pub mod proto;
 pub mod rate_limit;
 pub mod runtime;

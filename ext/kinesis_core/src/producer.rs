@@ -3,7 +3,6 @@
 //! with backoff, and recover from a stale shard map. Reports the fate of every user record.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +12,7 @@ use futures::stream::{self, StreamExt};
 use rand::Rng;
 
 use crate::batch::{pack, plan, KinesisRecord, PlanLimits, RecordBatch};
+use crate::cancel::CancelToken;
 use crate::config::{KeyMode, ProducerConfig};
 use crate::error::{classify_code, classify_sdk_error, Failure, FailureKind};
 use crate::hashkey::partition_key_hash;
@@ -194,7 +194,14 @@ pub struct Producer {
     config: ProducerConfig,
     streams: Mutex<HashMap<String, Arc<StreamState>>>,
     limiter: Option<ShardRateLimiter>,
+    /// Set when fluentd shuts down: until then, deliveries keep retrying past `max_retries`
+    /// and their own deadline, so a stop drains what is buffered (see [`Producer::begin_drain`]).
+    drain_until: Mutex<Option<Instant>>,
 }
+
+/// Called with the user records (batch indexes) each PutRecords response confirmed, as soon as
+/// it is read: the caller keeps a chunk's progress with it.
+pub type OnDelivered<'a> = &'a (dyn Fn(&[u32]) + Send + Sync);
 
 /// One PutRecords request in flight and what came of it.
 struct RequestResult {
@@ -217,7 +224,30 @@ impl Producer {
             config,
             streams: Mutex::new(HashMap::new()),
             limiter,
+            drain_until: Mutex::new(None),
         }
+    }
+
+    /// Shutdown: from now until `budget` has passed, deliveries (those running and those started
+    /// later) retry failed records without counting attempts or their own deadline, so
+    /// everything buffered is delivered unless the budget runs out first.
+    pub fn begin_drain(&self, budget: Duration) {
+        *self.drain_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + budget);
+    }
+
+    /// The later of a delivery's own deadline and the end of the shutdown budget.
+    fn deadline_with_drain(&self, deadline: Instant) -> Instant {
+        match *self.drain_until.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(d) if d > deadline => d,
+            _ => deadline,
+        }
+    }
+
+    fn draining(&self) -> bool {
+        self.drain_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     pub fn config(&self) -> &ProducerConfig {
@@ -367,14 +397,17 @@ impl Producer {
         Ok((m.0.clone(), m.1))
     }
 
-    /// Delivers the user records `indexes` of `batch` to `stream`. Stops early, reporting what
-    /// was not delivered as cancelled, when `cancel` completes.
+    /// Delivers the user records `indexes` of `batch` to `stream`, calling `on_delivered` as
+    /// responses confirm records. When `stop` fires, no new request is started (nor a retry,
+    /// nor a wait for the rate limiter): requests already sent still finish and what they
+    /// delivered is reported; what was not sent is reported as cancelled.
     pub async fn put(
         &self,
         stream: &str,
         batch: &RecordBatch,
         indexes: &[u32],
-        cancel: impl Future<Output = ()>,
+        stop: &CancelToken,
+        on_delivered: OnDelivered<'_>,
     ) -> BatchOutcome {
         let outcome = Mutex::new(BatchOutcome::new(batch.len()));
         {
@@ -384,13 +417,14 @@ impl Producer {
             }
             o.counters.user_records = indexes.len() as u64;
         }
-        tokio::select! {
-            _ = self.deliver(stream, batch, indexes, &outcome) => {}
-            _ = cancel => {}
-        }
+        let sink = Sink {
+            outcome: &outcome,
+            on_delivered,
+        };
+        self.deliver(stream, batch, indexes, &sink, stop).await;
         let mut o = outcome.into_inner().unwrap_or_else(|p| p.into_inner());
         if o.status.contains(&RecordStatus::Pending) {
-            let f = Failure::new(FailureKind::Cancelled, "Cancelled", "delivery was interrupted (shutdown or thread kill) before these records were confirmed; send them again");
+            let f = cancelled();
             let i = o.failure_index(&f);
             for s in o.status.iter_mut().filter(|s| **s == RecordStatus::Pending) {
                 *s = RecordStatus::Failed(i);
@@ -404,23 +438,23 @@ impl Producer {
         stream: &str,
         batch: &RecordBatch,
         indexes: &[u32],
-        outcome: &Mutex<BatchOutcome>,
+        sink: &Sink<'_>,
+        stop: &CancelToken,
     ) {
         let deadline = Instant::now() + self.config.deadline;
         let limits = PlanLimits {
             max_record_bytes: self.config.max_record_bytes,
             aggregation_max_bytes: self.config.aggregation_max_bytes,
         };
-        let lock = || outcome.lock().unwrap_or_else(|p| p.into_inner());
         let mut pending: Vec<u32> = indexes.to_vec();
         let mut map = match self.shard_map(stream).await {
             Ok(m) => m,
-            Err(f) => return lock().fail(&pending, &f),
+            Err(f) => return sink.lock().fail(&pending, &f),
         };
         for round in 0.. {
             let (records, refused) = plan(batch, &pending, &self.config.key_mode, &map.0, &limits);
             {
-                let mut o = lock();
+                let mut o = sink.lock();
                 for r in refused {
                     let i = o.failure_index(&Failure::new(
                         FailureKind::Invalid,
@@ -439,7 +473,7 @@ impl Producer {
                 self.config.batch_max_bytes,
             );
             let results: Vec<RequestResult> = stream::iter(requests)
-                .map(|req| self.send_request(stream, req, &map.0, deadline, outcome))
+                .map(|req| self.send_request(stream, req, &map.0, deadline, sink, stop))
                 .buffer_unordered(self.config.concurrency)
                 .collect()
                 .await;
@@ -448,35 +482,44 @@ impl Producer {
             if misrouted.is_empty() {
                 return;
             }
-            lock().counters.wrong_shard += misrouted.len() as u64;
-            let refreshed = self.refresh_map(stream, map.1, Some(deadline)).await;
+            sink.lock().counters.wrong_shard += misrouted.len() as u64;
+            let refreshed = self
+                .refresh_map(stream, map.1, Some(self.deadline_with_drain(deadline)))
+                .await;
             if refreshed.is_ok() {
-                lock().counters.shard_map_refreshes += 1;
+                sink.lock().counters.shard_map_refreshes += 1;
             }
             pending = Vec::new();
+            let mut confirmed = Vec::new();
             for (record, landed) in misrouted {
                 let shard = refreshed
                     .as_ref()
                     .ok()
                     .and_then(|m| m.0.by_id(&landed).cloned());
                 if shard.is_some_and(|s| all_within(batch, &record.members, &s)) {
-                    lock().deliver(&record.members);
+                    confirmed.extend_from_slice(&record.members);
                 } else {
                     pending.extend_from_slice(&record.members);
                 }
             }
+            sink.delivered(&confirmed);
             match refreshed {
                 Ok(m) => map = m,
-                Err(f) => return lock().fail(&pending, &f),
+                Err(f) => return sink.lock().fail(&pending, &f),
             }
             if pending.is_empty() {
                 return;
             }
-            if round + 1 >= MAX_RESEND_ROUNDS || Instant::now() >= deadline {
-                let f = Failure::new(FailureKind::Transient, "ShardMapChanged", format!("aggregates kept landing on unexpected shards after {} re-plans (the stream is being resharded); retry later", round + 1));
-                return lock().fail(&pending, &f);
+            if stop.is_cancelled() {
+                return sink.lock().fail(&pending, &cancelled());
             }
-            lock().counters.resent_user_records += pending.len() as u64;
+            if round + 1 >= MAX_RESEND_ROUNDS
+                || Instant::now() >= self.deadline_with_drain(deadline)
+            {
+                let f = Failure::new(FailureKind::Transient, "ShardMapChanged", format!("aggregates kept landing on unexpected shards after {} re-plans (the stream is being resharded); retry later", round + 1));
+                return sink.lock().fail(&pending, &f);
+            }
+            sink.lock().counters.resent_user_records += pending.len() as u64;
         }
     }
 
@@ -486,13 +529,20 @@ impl Producer {
         records: Vec<KinesisRecord>,
         map: &ShardMap,
         deadline: Instant,
-        outcome: &Mutex<BatchOutcome>,
+        sink: &Sink<'_>,
+        stop: &CancelToken,
     ) -> RequestResult {
-        let lock = || outcome.lock().unwrap_or_else(|p| p.into_inner());
         let mut misrouted = Vec::new();
         let mut todo: Vec<usize> = (0..records.len()).collect();
         let mut attempt: u32 = 0;
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
+        // Records not sent because the caller stopped the delivery.
+        let abandon = |todo: &[usize]| {
+            let mut o = sink.lock();
+            for &e in todo {
+                o.fail(&records[e].members, &cancelled());
+            }
+        };
         loop {
             if let Some(limiter) = &self.limiter {
                 let usage = todo.iter().map(|&e| {
@@ -504,10 +554,17 @@ impl Producer {
                 });
                 let wait = limiter.reserve(usage);
                 if !wait.is_zero() {
-                    let until = (Instant::now() + wait).min(deadline);
-                    lock().counters.rate_limited_ms += wait.as_millis() as u64;
-                    tokio::time::sleep_until(until.into()).await;
+                    let until = (Instant::now() + wait).min(self.deadline_with_drain(deadline));
+                    sink.lock().counters.rate_limited_ms += wait.as_millis() as u64;
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until.into()) => {}
+                        _ = stop.cancelled() => {}
+                    }
                 }
+            }
+            if stop.is_cancelled() {
+                abandon(&todo);
+                return RequestResult { misrouted };
             }
             let entries: Vec<PutRecordsRequestEntry> = todo
                 .iter()
@@ -522,7 +579,7 @@ impl Producer {
                 })
                 .collect();
             {
-                let mut o = lock();
+                let mut o = sink.lock();
                 o.counters.requests += 1;
                 if attempt > 0 {
                     o.counters.retried_entries += todo.len() as u64;
@@ -530,6 +587,7 @@ impl Producer {
             }
             let mut failed: Vec<(usize, Failure)> = Vec::new();
             let mut any_success = false;
+            // Sent requests are never cancelled: their outcome is always read and kept.
             match self
                 .client
                 .put_records()
@@ -540,6 +598,7 @@ impl Producer {
             {
                 Ok(resp) => {
                     let results = resp.records();
+                    let mut confirmed = Vec::new();
                     for (pos, &e) in todo.iter().enumerate() {
                         let r = &records[e];
                         let Some(res) = results.get(pos) else {
@@ -556,7 +615,7 @@ impl Producer {
                         if let Some(code) = res.error_code() {
                             let f = classify_code(code, None, res.error_message().unwrap_or(""));
                             if f.kind == FailureKind::Throttled {
-                                lock().counters.throttled_entries += 1;
+                                sink.lock().counters.throttled_entries += 1;
                             }
                             failed.push((e, f));
                             continue;
@@ -566,17 +625,18 @@ impl Producer {
                         if !r.lands_safely_anywhere && landed != shard_id(map, r.shard) {
                             misrouted.push((r.clone(), landed.to_string()));
                         } else {
-                            let mut o = lock();
-                            o.deliver(&r.members);
+                            confirmed.extend_from_slice(&r.members);
+                            let mut o = sink.lock();
                             o.counters.bytes_delivered += r.billed_size() as u64;
                             o.counters.put_payload_units +=
                                 r.billed_size().div_ceil(25 * 1024) as u64;
                         }
                     }
+                    sink.delivered(&confirmed);
                 }
                 Err(err) => {
                     let f = classify_sdk_error(&err);
-                    let mut o = lock();
+                    let mut o = sink.lock();
                     o.counters.request_errors += 1;
                     if f.kind == FailureKind::Throttled {
                         o.counters.throttled_entries += todo.len() as u64;
@@ -592,7 +652,7 @@ impl Producer {
                 .into_iter()
                 .partition(|(_, f)| f.kind.is_retryable_now());
             for (e, f) in hopeless {
-                lock().fail(&records[e].members, &f);
+                sink.lock().fail(&records[e].members, &f);
             }
             if retry.is_empty() {
                 return RequestResult { misrouted };
@@ -602,9 +662,15 @@ impl Producer {
                 backoff.reset();
             }
             let delay = backoff.next();
-            let give_up = if attempt > self.config.max_retries {
+            let retry_at = Instant::now() + delay;
+            // While fluentd shuts down, the shutdown budget replaces the attempt count and the
+            // delivery's own deadline.
+            let give_up = if self.draining() {
+                (retry_at > self.deadline_with_drain(deadline))
+                    .then(|| format!("after {attempt} attempts, at the end of the shutdown budget"))
+            } else if attempt > self.config.max_retries {
                 Some(format!("after {attempt} attempts"))
-            } else if Instant::now() + delay > deadline {
+            } else if retry_at > deadline {
                 Some(format!(
                     "after {attempt} attempts, at the {:?} delivery deadline",
                     self.config.deadline
@@ -615,14 +681,49 @@ impl Producer {
             if let Some(why) = give_up {
                 for (e, f) in retry {
                     let f = Failure::new(f.kind, f.code, format!("{} ({why})", f.message));
-                    lock().fail(&records[e].members, &f);
+                    sink.lock().fail(&records[e].members, &f);
                 }
                 return RequestResult { misrouted };
             }
-            tokio::time::sleep(delay).await;
             todo = retry.into_iter().map(|(e, _)| e).collect();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.cancelled() => {
+                    abandon(&todo);
+                    return RequestResult { misrouted };
+                }
+            }
         }
     }
+}
+
+/// Where a delivery's results go: the per-record outcome, and the caller's progress callback.
+struct Sink<'a> {
+    outcome: &'a Mutex<BatchOutcome>,
+    on_delivered: OnDelivered<'a>,
+}
+
+impl Sink<'_> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BatchOutcome> {
+        self.outcome.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks records delivered and tells the caller, once per response.
+    fn delivered(&self, members: &[u32]) {
+        if members.is_empty() {
+            return;
+        }
+        self.lock().deliver(members);
+        (self.on_delivered)(members);
+    }
+}
+
+fn cancelled() -> Failure {
+    Failure::new(
+        FailureKind::Cancelled,
+        "Cancelled",
+        "not sent: the wait for this delivery was abandoned (thread killed or raised); fluentd sends these records again",
+    )
 }
 
 fn shard_id(map: &ShardMap, index: usize) -> &str {

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use kinesis_core::batch::RecordBatch;
+use kinesis_core::cancel::CancelToken;
 use kinesis_core::config::{Credentials, KeyMode, ProducerConfig};
 use kinesis_core::error::FailureKind;
 use kinesis_core::kpl::{deaggregate, kcl_user_records, Deaggregated};
@@ -49,8 +50,9 @@ fn all(n: usize) -> Vec<u32> {
     (0..n as u32).collect()
 }
 
-async fn never() {
-    std::future::pending::<()>().await
+/// A stop signal nobody fires.
+fn go() -> CancelToken {
+    CancelToken::new()
 }
 
 /// What a KCL consumer delivers, counted per user record data.
@@ -100,7 +102,9 @@ async fn random_keys_spread_over_shards_and_every_record_arrives_once() {
         .await
         .unwrap();
     let b = batch(20_000, None);
-    let o = producer.put(&stream, &b, &all(b.len()), never()).await;
+    let o = producer
+        .put(&stream, &b, &all(b.len()), &go(), &|_| {})
+        .await;
     assert_all_delivered(&o);
     assert!(o.counters.aggregates >= 2, "{:?}", o.counters);
     assert!(
@@ -130,7 +134,9 @@ async fn per_record_keys_aggregate_per_shard_and_pass_the_kcl_range_check() {
     cfg.aggregation_max_bytes = 64 * 1024; // many aggregates per shard
     let producer = Producer::new(cfg).await.unwrap();
     let b = batch(5_000, Some(50));
-    let o = producer.put(&stream, &b, &all(b.len()), never()).await;
+    let o = producer
+        .put(&stream, &b, &all(b.len()), &go(), &|_| {})
+        .await;
     assert_all_delivered(&o);
     assert_eq!(o.counters.wrong_shard, 0);
     // Every aggregate read back passes the range check of the shard it was read from (the KCL
@@ -172,7 +178,9 @@ async fn partial_throttling_5xx_resets_and_timeouts_lose_nothing() {
     proxy.push(Fault::ThrottleRequest);
     proxy.push(Fault::Delay(Duration::from_millis(1500)));
     let b = batch(4_000, Some(64));
-    let o = producer.put(&stream, &b, &all(b.len()), never()).await;
+    let o = producer
+        .put(&stream, &b, &all(b.len()), &go(), &|_| {})
+        .await;
     proxy.settle().await;
     assert_all_delivered(&o);
     let c = &o.counters;
@@ -203,7 +211,7 @@ async fn a_shard_split_mid_run_is_recovered_for_kcl_consumers() {
     let first = batch(500, Some(40));
     assert_all_delivered(
         &producer
-            .put(&stream, &first, &all(first.len()), never())
+            .put(&stream, &first, &all(first.len()), &go(), &|_| {})
             .await,
     );
     // Split shard 0 in the middle of its range: the producer's cached map is now stale.
@@ -224,7 +232,7 @@ async fn a_shard_split_mid_run_is_recovered_for_kcl_consumers() {
         );
     }
     let o = producer
-        .put(&stream, &second, &all(second.len()), never())
+        .put(&stream, &second, &all(second.len()), &go(), &|_| {})
         .await;
     assert_all_delivered(&o);
     assert!(
@@ -262,7 +270,9 @@ async fn failures_are_reported_not_dropped() {
         .await
         .unwrap();
     let b = batch(10, None);
-    let o = producer.put("no-such-stream", &b, &all(10), never()).await;
+    let o = producer
+        .put("no-such-stream", &b, &all(10), &go(), &|_| {})
+        .await;
     assert_eq!(o.counters.failed, 10);
     let RecordStatus::Failed(i) = o.status[0] else {
         panic!("{:?}", o.status[0])
@@ -281,7 +291,7 @@ async fn failures_are_reported_not_dropped() {
     cfg.max_retries = 3;
     let producer = Producer::new(cfg).await.unwrap();
     proxy.always_for("PutRecords", Fault::PartialThrottle(Entries::Fraction(1.0)));
-    let o = producer.put(&stream, &b, &all(10), never()).await;
+    let o = producer.put(&stream, &b, &all(10), &go(), &|_| {}).await;
     proxy.clear();
     assert_eq!(o.counters.failed, 10);
     let RecordStatus::Failed(i) = o.status[3] else {
@@ -300,26 +310,50 @@ async fn failures_are_reported_not_dropped() {
     big.push(b"ok-1", None, None);
     big.push(&vec![b'x'; 1024 * 1024 + 1], None, None);
     big.push(b"skipped", None, None);
-    let o = producer.put(&stream, &big, &[0, 1], never()).await;
+    let o = producer.put(&stream, &big, &[0, 1], &go(), &|_| {}).await;
     assert_eq!(o.status[0], RecordStatus::Delivered);
     assert!(matches!(o.status[1], RecordStatus::Refused(_)));
     assert_eq!(o.status[2], RecordStatus::Skipped);
 
-    // Cancellation (shutdown, Thread#kill) ends the delivery promptly; nothing is claimed.
-    proxy.always_for("PutRecords", Fault::Delay(Duration::from_secs(30)));
+    // Stopping a delivery (its waiter was killed) starts no new request, but a request already
+    // sent finishes and what it delivered is reported, never claimed as undelivered.
+    let mut cfg = config(&proxy.endpoint(), KeyMode::RandomPerAggregate);
+    cfg.concurrency = 1;
+    // One aggregate of about two records per request: several requests, sent one by one.
+    cfg.batch_max_entries = 1;
+    cfg.aggregation_max_bytes = 250;
+    let producer = Producer::new(cfg).await.unwrap();
+    let stop = CancelToken::new();
+    proxy.push_for("PutRecords", Fault::Delay(Duration::from_millis(1500)));
+    let confirmed = std::sync::Mutex::new(Vec::new());
+    let record = |m: &[u32]| confirmed.lock().unwrap().extend_from_slice(m);
     let started = std::time::Instant::now();
-    let o = producer
-        .put(
-            &stream,
-            &b,
-            &all(10),
-            tokio::time::sleep(Duration::from_millis(300)),
-        )
-        .await;
+    let indexes = all(10);
+    let (o, _) = tokio::join!(producer.put(&stream, &b, &indexes, &stop, &record), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.cancel();
+    });
+    assert!(started.elapsed() >= Duration::from_millis(1400));
     assert!(started.elapsed() < Duration::from_secs(5));
-    let RecordStatus::Failed(i) = o.status[0] else {
-        panic!()
-    };
-    assert_eq!(o.failures[i as usize].kind, FailureKind::Cancelled);
+    let delivered: Vec<u32> = (0..10)
+        .filter(|&i| o.status[i as usize] == RecordStatus::Delivered)
+        .collect();
+    assert!(
+        !delivered.is_empty() && delivered.len() < 10,
+        "{:?}",
+        o.status
+    );
+    let mut reported = confirmed.lock().unwrap().clone();
+    reported.sort();
+    assert_eq!(
+        reported, delivered,
+        "the progress callback saw every delivered record"
+    );
+    for i in 0..10 {
+        if let RecordStatus::Failed(f) = o.status[i] {
+            assert_eq!(o.failures[f as usize].kind, FailureKind::Cancelled);
+        }
+    }
+    assert_eq!(o.counters.requests, 1, "nothing was sent after the stop");
     proxy.clear();
 }

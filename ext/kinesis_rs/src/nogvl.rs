@@ -1,44 +1,52 @@
-//! Running Rust work without Ruby's GVL, cancellable by Ruby's interrupts.
+//! Waiting for work on the runtime without Ruby's GVL, and letting Ruby handle its interrupts.
 //!
-//! The work runs inside `rb_thread_call_without_gvl` so other Ruby threads (fluentd's input and
-//! router threads) keep running. Ruby calls the unblock function when the thread is killed or
-//! interrupted (Thread#kill, shutdown); it fires a [`CancelToken`] that the work watches. A panic
-//! in the work is caught here and returned as an error, never unwinding into Ruby's C frames.
+//! The work itself (formatting, aggregation, network) runs on the process-wide tokio runtime;
+//! the calling Ruby thread only waits for it, inside `rb_thread_call_without_gvl2`, so fluentd's
+//! other threads keep running. Ruby calls the unblock function for many reasons: a signal, a
+//! `Thread#wakeup` (fluentd's stop sequence does that to every sleeping plugin thread),
+//! `Thread#raise`, `Thread#kill`. None of them is a cancellation: the unblock function only ends
+//! the *wait*, the interrupt is processed with the GVL held (`rb_thread_check_ints` under
+//! `rb_protect`), and unless it raised, the same work is waited on again, untouched. Only a real
+//! raise or kill abandons the wait, and the caller decides what that means for the work.
+//!
+//! `rb_thread_call_without_gvl2` (not the plain variant) is used because it neither processes
+//! interrupts before nor after the call: the plain one can raise from there, unwinding through
+//! our Rust frame and losing the work's result. A panic in the waiting code is caught here and
+//! returned as an error, never unwinding into Ruby's C frames.
 
 use std::any::Any;
 use std::ffi::c_void;
+use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
 
-use kinesis_core::cancel::CancelToken;
+use magnus::{Error, Ruby};
+use tokio::runtime::Runtime;
 
-struct Call<F, R> {
+use kinesis_core::cancel::{on_drop, CancelToken};
+
+struct Call<F> {
     work: Option<F>,
-    result: Option<std::thread::Result<R>>,
+    panic: Option<String>,
 }
 
-unsafe extern "C" fn run_call<F: FnOnce() -> R, R>(data: *mut c_void) -> *mut c_void {
-    // SAFETY: `data` is the `&mut Call<F, R>` that `without_gvl` passed, alive for the whole
+unsafe extern "C" fn run_call<F: FnOnce()>(data: *mut c_void) -> *mut c_void {
+    // SAFETY: `data` is the `&mut Call<F>` that `call_without_gvl` passed, alive for the whole
     // call, and only this function touches it while Ruby runs it.
-    let call = unsafe { &mut *(data as *mut Call<F, R>) };
+    let call = unsafe { &mut *(data as *mut Call<F>) };
     if let Some(work) = call.work.take() {
-        call.result = Some(catch_unwind(AssertUnwindSafe(work)));
+        if let Err(p) = catch_unwind(AssertUnwindSafe(work)) {
+            call.panic = Some(panic_message(p));
+        }
     }
     std::ptr::null_mut()
 }
 
 unsafe extern "C" fn unblock(data: *mut c_void) {
-    // SAFETY: `data` is the `&CancelToken` passed to `without_gvl`, which outlives the call;
-    // `cancel` only touches an atomic and a tokio Notify, both thread-safe.
-    let token = unsafe { &*(data as *const CancelToken) };
-    token.cancel();
-}
-
-/// Why the work did not produce a value.
-pub enum Interrupted {
-    /// Ruby had an interrupt pending and never started the work.
-    NotStarted,
-    /// The work panicked; the message, if it had one.
-    Panicked(String),
+    // SAFETY: `data` is the `&CancelToken` passed to `call_without_gvl`, which outlives the
+    // call; `cancel` only touches an atomic and a tokio Notify, both thread-safe.
+    let wake = unsafe { &*(data as *const CancelToken) };
+    wake.cancel();
 }
 
 fn panic_message(p: Box<dyn Any + Send>) -> String {
@@ -48,28 +56,89 @@ fn panic_message(p: Box<dyn Any + Send>) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-/// Runs `work` without the GVL. `work` must not touch any Ruby value.
-pub fn without_gvl<F, R>(cancel: &CancelToken, work: F) -> Result<R, Interrupted>
-where
-    F: FnOnce() -> R,
-{
+/// Runs `work` without the GVL; Ruby fires `wake` when it wants the thread back. Returns
+/// the panic message if `work` panicked. If Ruby had an interrupt pending, `work` may not run.
+fn call_without_gvl<F: FnOnce()>(wake: &CancelToken, work: F) -> Result<(), String> {
     let mut call = Call {
         work: Some(work),
-        result: None,
+        panic: None,
     };
-    // SAFETY: `call` and `cancel` live on this stack frame until rb_thread_call_without_gvl
-    // returns, which is after both callbacks can run. `run_call::<F, R>` matches `call`'s type.
+    // SAFETY: `call` and `wake` live on this stack frame until rb_thread_call_without_gvl2
+    // returns, which is after both callbacks can run. `run_call::<F>` matches `call`'s type.
+    // The gvl2 variant never raises (no interrupt check before or after the call).
     unsafe {
-        rb_sys::rb_thread_call_without_gvl(
-            Some(run_call::<F, R>),
-            &mut call as *mut Call<F, R> as *mut c_void,
+        rb_sys::rb_thread_call_without_gvl2(
+            Some(run_call::<F>),
+            &mut call as *mut Call<F> as *mut c_void,
             Some(unblock),
-            cancel as *const CancelToken as *mut c_void,
+            wake as *const CancelToken as *mut c_void,
         );
     }
-    match call.result {
-        None => Err(Interrupted::NotStarted),
-        Some(Ok(r)) => Ok(r),
-        Some(Err(p)) => Err(Interrupted::Panicked(panic_message(p))),
+    call.panic.map_or(Ok(()), Err)
+}
+
+pub fn internal_error(ruby: &Ruby, what: &str) -> Error {
+    Error::new(
+        crate::errors::error_class(ruby, "InternalError"),
+        format!("internal error in the Rust extension ({what}); the chunk will be retried. Please report this."),
+    )
+}
+
+/// Blocks this Ruby thread, without the GVL, until `finished` fires. Ruby's interrupts are
+/// processed as they come; if one raises, `on_abandon` runs and the exception is returned.
+pub fn wait(
+    ruby: &Ruby,
+    rt: &Runtime,
+    finished: &CancelToken,
+    on_abandon: impl FnOnce(),
+) -> Result<(), Error> {
+    loop {
+        if finished.is_cancelled() {
+            return Ok(());
+        }
+        let wake = CancelToken::new();
+        call_without_gvl(&wake, || {
+            rt.block_on(async {
+                tokio::select! {
+                    _ = finished.cancelled() => {}
+                    _ = wake.cancelled() => {}
+                }
+            })
+        })
+        .map_err(|m| internal_error(ruby, &m))?;
+        if finished.is_cancelled() {
+            return Ok(());
+        }
+        // Woken by Ruby: let it run the interrupt (trap handlers, Thread#raise, kill). A plain
+        // wakeup raises nothing and the wait goes on.
+        if let Err(e) = ruby.thread_check_ints() {
+            on_abandon();
+            return Err(e);
+        }
     }
+}
+
+/// Runs `future` on the runtime and waits for it as [`wait`] does; if Ruby raises meanwhile,
+/// the future is dropped (for work that may be abandoned, such as a read-only check).
+pub fn run<T: Send + 'static>(
+    ruby: &Ruby,
+    rt: &Runtime,
+    future: impl Future<Output = T> + Send + 'static,
+) -> Result<T, Error> {
+    let finished = Arc::new(CancelToken::new());
+    let result: Arc<Mutex<Option<T>>> = Arc::new(Mutex::new(None));
+    let (f, r) = (finished.clone(), result.clone());
+    let task = rt.spawn(async move {
+        let _finished = on_drop(|| f.cancel());
+        let value = future.await;
+        *r.lock().unwrap_or_else(|p| p.into_inner()) = Some(value);
+    });
+    wait(ruby, rt, &finished, || task.abort())?;
+    let value = result.lock().unwrap_or_else(|p| p.into_inner()).take();
+    value.ok_or_else(|| {
+        internal_error(
+            ruby,
+            "a task on the runtime ended without a result (it panicked)",
+        )
+    })
 }

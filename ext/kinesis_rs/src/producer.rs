@@ -1,40 +1,54 @@
-//! `FluentPluginKinesisRs::Native::Producer` and `::Formatter`.
+//! `FluentPluginKinesisRs::Native::Producer`, `::Formatter` and `::Delivery`.
 //!
 //! Ruby values are converted to Rust data first; the work (formatting, aggregation, network)
-//! runs on the process-wide tokio runtime without the GVL; results become Ruby values after the
-//! GVL is back.
+//! runs as a task on the process-wide tokio runtime, which the Ruby thread waits for without the
+//! GVL (see `nogvl`); results become Ruby values after the GVL is back.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use magnus::{prelude::*, Error, RArray, RHash, RModule, RString, Ruby, TryConvert};
+use tokio::runtime::Runtime;
 
 use kinesis_core::batch::RecordBatch;
-use kinesis_core::cancel::CancelToken;
 use kinesis_core::chunk::{FormatError, FormatSpec};
-use kinesis_core::delivery::{deliver_chunk, deliver_records, ChunkOutcome, EventBits};
+use kinesis_core::delivery::{ChunkOutcome, Delivery, EventBits, Job};
 use kinesis_core::hashkey::parse_explicit_hash_key;
 use kinesis_core::producer::Producer;
+use kinesis_core::progress::ProgressFile;
 use kinesis_core::runtime::runtime;
 
 use crate::errors::error_class;
-use crate::nogvl::{without_gvl, Interrupted};
+use crate::nogvl;
 use crate::options::{format_spec, producer_config};
 
 fn error(ruby: &Ruby, class: &str, msg: impl Into<String>) -> Error {
     Error::new(error_class(ruby, class), msg.into())
 }
 
-fn interrupted(ruby: &Ruby, i: Interrupted) -> Error {
-    match i {
-        Interrupted::NotStarted => error(ruby, "InterruptedError", "interrupted before the work started; nothing was sent"),
-        Interrupted::Panicked(m) => error(ruby, "InternalError", format!("internal error in the Rust extension ({m}); the chunk will be retried. Please report this.")),
-    }
+fn rt(ruby: &Ruby) -> Result<Arc<Runtime>, Error> {
+    runtime().map_err(|e| {
+        error(
+            ruby,
+            "InternalError",
+            format!("cannot start the tokio runtime: {e}"),
+        )
+    })
 }
 
 /// Copies a Ruby string's bytes (the GVL is held; the copy may then travel without it).
 fn bytes_of(s: RString) -> Vec<u8> {
     // SAFETY: the GVL is held and the slice is copied before any Ruby code can run.
     unsafe { s.as_slice() }.to_vec()
+}
+
+/// Where a chunk's progress is persisted: `[path, chunk_id]` from the plugin, or nil.
+fn progress_file(path: Option<String>, chunk_id: RString) -> Option<ProgressFile> {
+    path.map(|p| ProgressFile {
+        path: PathBuf::from(p),
+        chunk_id: bytes_of(chunk_id),
+    })
 }
 
 #[magnus::wrap(
@@ -67,16 +81,7 @@ impl RbProducer {
     /// Builds the client (credentials providers, TLS) on the runtime, without the GVL.
     fn new(ruby: &Ruby, options: RHash) -> Result<Self, Error> {
         let config = producer_config(ruby, options)?;
-        let rt = runtime().map_err(|e| {
-            error(
-                ruby,
-                "InternalError",
-                format!("cannot start the tokio runtime: {e}"),
-            )
-        })?;
-        let cancel = CancelToken::new();
-        let built = without_gvl(&cancel, || rt.block_on(Producer::new(config)))
-            .map_err(|i| interrupted(ruby, i))?;
+        let built = nogvl::run(ruby, &*rt(ruby)?, Producer::new(config))?;
         let producer = built.map_err(|e| error(ruby, "ConfigurationError", e))?;
         Ok(RbProducer {
             inner: Mutex::new(Some(Arc::new(producer))),
@@ -94,30 +99,17 @@ impl RbProducer {
     /// Lists the stream's open shards; returns how many. Raises StreamError saying what to fix.
     fn check_stream(ruby: &Ruby, rb_self: &Self, stream: String) -> Result<usize, Error> {
         let producer = rb_self.producer(ruby)?;
-        let rt = runtime().map_err(|e| error(ruby, "InternalError", e.to_string()))?;
-        let cancel = CancelToken::new();
-        let result = without_gvl(&cancel, || {
-            rt.block_on(async {
-                tokio::select! {
-                    r = producer.check_stream(&stream) => Some(r),
-                    _ = cancel.cancelled() => None,
-                }
-            })
-        })
-        .map_err(|i| interrupted(ruby, i))?;
-        match result {
-            None => Err(error(ruby, "InterruptedError", "stream check interrupted")),
-            Some(Ok(map)) => Ok(map.len()),
-            Some(Err(f)) => Err(error(
-                ruby,
-                "StreamError",
-                format!("stream {stream:?}: {f}"),
-            )),
-        }
+        let name = stream.clone();
+        let result = nogvl::run(ruby, &*rt(ruby)?, async move {
+            producer.check_stream(&name).await.map(|m| m.len())
+        })?;
+        result.map_err(|f| error(ruby, "StreamError", format!("stream {stream:?}: {f}")))
     }
 
-    /// Formats and delivers a chunk in fluentd's standard format.
-    fn put_chunk(
+    /// Starts formatting and delivering a chunk in fluentd's standard format; returns the
+    /// Delivery to wait for.
+    #[allow(clippy::too_many_arguments)]
+    fn start_chunk(
         ruby: &Ruby,
         rb_self: &Self,
         stream: String,
@@ -125,45 +117,36 @@ impl RbProducer {
         chunk: RString,
         tag: Option<String>,
         previously: Option<RString>,
-    ) -> Result<RHash, Error> {
-        let producer = rb_self.producer(ruby)?;
-        let spec = formatter.spec.clone();
-        let chunk = bytes_of(chunk);
-        let previously = previously.map(|p| EventBits(bytes_of(p)));
-        let rt = runtime().map_err(|e| error(ruby, "InternalError", e.to_string()))?;
-        let cancel = CancelToken::new();
-        let result = without_gvl(&cancel, || {
-            rt.block_on(deliver_chunk(
-                &producer,
-                &stream,
-                &spec,
-                &chunk,
-                tag.as_deref(),
-                previously.as_ref(),
-                &cancel,
-            ))
-        })
-        .map_err(|i| interrupted(ruby, i))?;
-        match result {
-            Ok(outcome) => outcome_hash(ruby, &outcome),
-            Err(FormatError::NeedsRuby(why)) => Err(error(ruby, "NeedsRubyFormattingError", why)),
-            Err(e @ FormatError::Corrupt(_)) => {
-                Err(error(ruby, "CorruptChunkError", e.to_string()))
-            }
-        }
+        progress: Option<String>,
+        chunk_id: RString,
+    ) -> Result<RbDelivery, Error> {
+        let job = Job::Chunk {
+            spec: formatter.spec.clone(),
+            chunk: bytes_of(chunk),
+            tag,
+        };
+        rb_self.start(
+            ruby,
+            stream,
+            job,
+            previously,
+            progress_file(progress, chunk_id),
+        )
     }
 
-    /// Delivers records formatted in Ruby: `records` is an Array of
+    /// Starts delivering records formatted in Ruby: `records` is an Array of
     /// `[event_index, data, partition_key or nil, explicit_hash_key or nil]`.
-    fn put_records(
+    #[allow(clippy::too_many_arguments)]
+    fn start_records(
         ruby: &Ruby,
         rb_self: &Self,
         stream: String,
         records: RArray,
         event_count: u32,
         previously: Option<RString>,
-    ) -> Result<RHash, Error> {
-        let producer = rb_self.producer(ruby)?;
+        progress: Option<String>,
+        chunk_id: RString,
+    ) -> Result<RbDelivery, Error> {
         let mut batch = RecordBatch::with_capacity(records.len(), 0);
         let mut events = Vec::with_capacity(records.len());
         let mut refused = Vec::new();
@@ -185,27 +168,53 @@ impl RbProducer {
             batch.push(unsafe { data.as_slice() }, key.as_deref(), ehk);
             events.push(event);
         }
-        let previously = previously.map(|p| EventBits(bytes_of(p)));
-        let rt = runtime().map_err(|e| error(ruby, "InternalError", e.to_string()))?;
-        let cancel = CancelToken::new();
-        let mut outcome = without_gvl(&cancel, || {
-            rt.block_on(deliver_records(
-                &producer,
-                &stream,
-                batch,
-                &events,
-                event_count,
-                previously.as_ref(),
-                &cancel,
-            ))
-        })
-        .map_err(|i| interrupted(ruby, i))?;
-        outcome.refused.extend(refused);
-        outcome.refused.sort_by_key(|r| r.0);
-        outcome_hash(ruby, &outcome)
+        let job = Job::Records {
+            batch,
+            events,
+            event_count,
+            refused,
+        };
+        rb_self.start(
+            ruby,
+            stream,
+            job,
+            previously,
+            progress_file(progress, chunk_id),
+        )
     }
 
-    /// Drops the client. Idempotent.
+    fn start(
+        &self,
+        ruby: &Ruby,
+        stream: String,
+        job: Job,
+        previously: Option<RString>,
+        file: Option<ProgressFile>,
+    ) -> Result<RbDelivery, Error> {
+        let producer = self.producer(ruby)?;
+        let previously = previously.map(|p| EventBits(bytes_of(p)));
+        let rt = rt(ruby)?;
+        let delivery = Delivery::start(&rt, producer, stream, job, previously, file);
+        Ok(RbDelivery { inner: delivery })
+    }
+
+    /// fluentd is shutting down: deliveries retry until `seconds` from now, past their own
+    /// retry limit and deadline, so everything buffered gets out.
+    fn begin_drain(ruby: &Ruby, rb_self: &Self, seconds: f64) -> Result<(), Error> {
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return Err(error(
+                ruby,
+                "ConfigurationError",
+                format!("shutdown budget {seconds} is not a number of seconds"),
+            ));
+        }
+        rb_self
+            .producer(ruby)?
+            .begin_drain(Duration::from_secs_f64(seconds));
+        Ok(())
+    }
+
+    /// Drops the client. Idempotent. Deliveries still running keep their own reference.
     fn close(&self) {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
@@ -218,8 +227,93 @@ impl RbProducer {
     }
 }
 
-fn outcome_hash(ruby: &Ruby, o: &ChunkOutcome) -> Result<RHash, Error> {
+/// `FluentPluginKinesisRs::Native::Delivery`: one chunk's delivery running on the runtime.
+#[magnus::wrap(
+    class = "FluentPluginKinesisRs::Native::Delivery",
+    free_immediately,
+    size
+)]
+pub struct RbDelivery {
+    inner: Arc<Delivery>,
+}
+
+impl RbDelivery {
+    /// Waits for the delivery to finish and returns its outcome (once). Ruby interrupts are
+    /// processed meanwhile; if one raises, the exception propagates, the delivery starts no new
+    /// request, and a later `wait` on this object still returns the outcome.
+    fn wait(ruby: &Ruby, rb_self: &Self) -> Result<RHash, Error> {
+        let d = &rb_self.inner;
+        nogvl::wait(ruby, &*rt(ruby)?, d.finished_token(), || d.stop())?;
+        match d.take_result() {
+            None if d.is_finished() => Err(nogvl::internal_error(
+                ruby,
+                "the delivery ended without a result: it panicked, or its result was already taken",
+            )),
+            None => Err(nogvl::internal_error(ruby, "the delivery has not finished")),
+            Some(Ok(outcome)) => outcome_hash(ruby, &outcome, d.progress_file_error()),
+            Some(Err(FormatError::NeedsRuby(why))) => {
+                Err(error(ruby, "NeedsRubyFormattingError", why))
+            }
+            Some(Err(e @ FormatError::Corrupt(_))) => {
+                Err(error(ruby, "CorruptChunkError", e.to_string()))
+            }
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        self.inner.is_finished()
+    }
+
+    /// Events delivered so far (a bit per event), earlier attempts included.
+    fn progress(ruby: &Ruby, rb_self: &Self) -> RString {
+        ruby.str_from_slice(&rb_self.inner.progress().0)
+    }
+
+    /// Start no new request; requests in flight finish.
+    fn stop(&self) {
+        self.inner.stop();
+    }
+}
+
+/// `Native.read_progress(path, chunk_id)`: the bits persisted for the chunk, nil if there is
+/// no file; ProgressError if the file cannot be used.
+fn read_progress(ruby: &Ruby, path: String, chunk_id: RString) -> Result<Option<RString>, Error> {
+    let file = progress_file(Some(path), chunk_id).expect("a path was given");
+    match file.read() {
+        Ok(bits) => Ok(bits.map(|b| ruby.str_from_slice(&b.0))),
+        Err(e) => Err(error(ruby, "ProgressError", e.to_string())),
+    }
+}
+
+/// `Native.write_progress(path, chunk_id, bits)`: replaces the file atomically.
+fn write_progress(
+    ruby: &Ruby,
+    path: String,
+    chunk_id: RString,
+    bits: RString,
+) -> Result<(), Error> {
+    let file = progress_file(Some(path), chunk_id).expect("a path was given");
+    file.write(&EventBits(bytes_of(bits)))
+        .map_err(|e| error(ruby, "ProgressError", e.to_string()))
+}
+
+/// `Native.remove_progress(path)`.
+fn remove_progress(ruby: &Ruby, path: String) -> Result<(), Error> {
+    let file = ProgressFile {
+        path: PathBuf::from(path),
+        chunk_id: Vec::new(),
+    };
+    file.remove()
+        .map_err(|e| error(ruby, "ProgressError", e.to_string()))
+}
+
+fn outcome_hash(
+    ruby: &Ruby,
+    o: &ChunkOutcome,
+    progress_file_error: Option<String>,
+) -> Result<RHash, Error> {
     let h = ruby.hash_new();
+    h.aset("progress_file_error", progress_file_error)?;
     h.aset("events", o.event_count)?;
     h.aset("delivered", ruby.str_from_slice(&o.delivered.0))?;
     h.aset("delivered_count", o.delivered.count())?;
@@ -247,9 +341,22 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     let producer = native.define_class("Producer", ruby.class_object())?;
     producer.define_singleton_method("new", magnus::function!(RbProducer::new, 1))?;
     producer.define_method("check_stream", magnus::method!(RbProducer::check_stream, 1))?;
-    producer.define_method("put_chunk", magnus::method!(RbProducer::put_chunk, 5))?;
-    producer.define_method("put_records", magnus::method!(RbProducer::put_records, 4))?;
+    producer.define_method("start_chunk", magnus::method!(RbProducer::start_chunk, 7))?;
+    producer.define_method(
+        "start_records",
+        magnus::method!(RbProducer::start_records, 6),
+    )?;
+    producer.define_method("begin_drain", magnus::method!(RbProducer::begin_drain, 1))?;
     producer.define_method("close", magnus::method!(RbProducer::close, 0))?;
     producer.define_method("closed?", magnus::method!(RbProducer::is_closed, 0))?;
+    let delivery = native.define_class("Delivery", ruby.class_object())?;
+    delivery.undef_default_alloc_func();
+    delivery.define_method("wait", magnus::method!(RbDelivery::wait, 0))?;
+    delivery.define_method("finished?", magnus::method!(RbDelivery::is_finished, 0))?;
+    delivery.define_method("progress", magnus::method!(RbDelivery::progress, 0))?;
+    delivery.define_method("stop", magnus::method!(RbDelivery::stop, 0))?;
+    native.define_module_function("read_progress", magnus::function!(read_progress, 2))?;
+    native.define_module_function("write_progress", magnus::function!(write_progress, 3))?;
+    native.define_module_function("remove_progress", magnus::function!(remove_progress, 1))?;
     Ok(())
 }

@@ -170,11 +170,25 @@ module Fluent
       config_param :ssl_ca_file, :string, default: nil
       desc "Check at start that the stream exists and is reachable (skipped when stream_name has placeholders)."
       config_param :check_stream_on_start, :bool, default: true
+      desc "Seconds a stop may spend delivering what is buffered (with flush_at_shutdown) and in flight, " \
+           "retrying as needed; default: delivery_timeout + request_timeout."
+      config_param :shutdown_timeout, :time, default: nil
+      desc "With a file buffer, keep each chunk's delivery progress beside it, so a restart after a crash " \
+           "resends only what was in flight."
+      config_param :persist_progress, :bool, default: true
+
+      # Suffix of the files keeping a chunk's delivery progress, beside the chunk.
+      PROGRESS_SUFFIX = ".kinesis-progress"
+      # How often a stop logs what it is still waiting for.
+      DRAIN_LOG_INTERVAL = 5
 
       def initialize
         super
         @delivered = {}
         @delivered_lock = Mutex.new
+        # Deliveries whose wait was abandoned (the flush thread was killed or raised), by chunk
+        # id: they run on, and the chunk's next write collects them before sending anything.
+        @inflight = {}
       end
 
       def multi_workers_ready?
@@ -200,7 +214,27 @@ module Fluent
       def start
         super
         @producer = FluentPluginKinesisRs::Native::Producer.new(@producer_options)
+        remove_orphan_progress_files
         check_stream if @check_stream_on_start
+      end
+
+      # A stop delivers what is buffered instead of failing it: from here on, deliveries retry
+      # until the shutdown budget is spent (fluentd's force_flush stops at the first failed
+      # flush, and a memory chunk still queued when the worker exits is gone).
+      def before_shutdown
+        if @producer
+          @drain_deadline = Fluent::Clock.now + @shutdown_timeout
+          @producer.begin_drain(@shutdown_timeout)
+          start_drain_reporter
+        end
+        super
+        drain_queue if @producer && @flush_at_shutdown && !@as_secondary
+      end
+
+      def after_shutdown
+        super
+      ensure
+        stop_drain_reporter
       end
 
       def close
@@ -222,20 +256,26 @@ module Fluent
       def write(chunk)
         stream = extract_placeholders(@stream_name, chunk)
         chunk_id = dump_unique_id_hex(chunk.unique_id)
-        previously = @delivered_lock.synchronize { @delivered[chunk_id] }
         tag = chunk.metadata.tag
-        result = deliver(chunk, stream, tag, previously)
-        account(result)
-        emit_refused(chunk, tag, result["refused"]) unless result["refused"].empty?
+        progress = progress_path(chunk)
+        previously = recall(chunk, chunk_id, progress)
+        if (earlier = @delivered_lock.synchronize { @inflight[chunk_id] })
+          # An earlier write of this chunk stopped waiting while requests were in flight: what
+          # they delivered is known only once they finish.
+          log.info "chunk #{chunk_id}: collecting the outcome of its interrupted delivery first"
+          outcome = collect(chunk, chunk_id, tag, earlier)
+          previously = merge_bits(previously, handled_bits(outcome))
+        end
+        result = deliver(chunk, chunk_id, stream, tag, previously, progress)
         failures = result["failures"]
         if failures.empty?
-          @delivered_lock.synchronize { @delivered.delete(chunk_id) }
+          forget(chunk_id, progress)
           log_chunk(stream, chunk_id, result)
           return
         end
         # Refused records are in the error stream already: a retry of the chunk skips them too.
-        handled = handled_bits(result)
-        remember(chunk_id, handled)
+        handled = merge_bits(previously, handled_bits(result))
+        remember(chunk, chunk_id, handled, progress)
         raise_undelivered(stream, chunk_id, result, handled)
       rescue FluentPluginKinesisRs::CorruptChunkError => e
         raise UnrecoverableDeliveryError, "chunk #{chunk_id} cannot be read: #{e.message}"
@@ -264,6 +304,8 @@ module Fluent
         end
         @batch_request_max_size = [@batch_request_max_size, [@max_record_size, PUT_RECORDS_MAX_BYTES].min].max
         @aggregation_max_size ||= @max_record_size
+        @shutdown_timeout ||= @delivery_timeout + @request_timeout
+        raise Fluent::ConfigError, "shutdown_timeout must be positive" unless @shutdown_timeout.positive?
         if @aggregation_max_size > @max_record_size
           raise Fluent::ConfigError, "aggregation_max_size #{@aggregation_max_size} exceeds max_record_size #{@max_record_size}"
         end
@@ -422,19 +464,42 @@ module Fluent
         log.error "kinesis_streams_aggregated cannot use its stream yet; records stay buffered and are retried", error: e.message
       end
 
-      def deliver(chunk, stream, tag, previously)
+      def deliver(chunk, chunk_id, stream, tag, previously, progress)
+        uid = chunk.unique_id
         if @native_formatter
           begin
-            return @producer.put_chunk(stream, @native_formatter, chunk.read, tag, previously)
+            delivery = @producer.start_chunk(stream, @native_formatter, chunk.read, tag, previously, progress, uid)
+            return collect(chunk, chunk_id, tag, delivery)
           rescue FluentPluginKinesisRs::NeedsRubyFormattingError => e
-            log.debug { "chunk #{dump_unique_id_hex(chunk.unique_id)} formatted by fluentd: #{e.message}" }
+            log.debug { "chunk #{chunk_id} formatted by fluentd: #{e.message}" }
           end
         end
-        deliver_formatted_in_ruby(chunk, stream, tag, previously)
+        records, event_count, refused = format_in_ruby(chunk, tag, previously)
+        delivery = @producer.start_records(stream, records, event_count, previously, progress, uid)
+        collect(chunk, chunk_id, tag, delivery, refused)
+      end
+
+      # Waits for a delivery and accounts for it (counters, error stream). If the wait is
+      # interrupted by an exception (Thread#raise, #kill), the delivery stays registered under
+      # the chunk id and goes on: the chunk's next write collects it.
+      def collect(chunk, chunk_id, tag, delivery, refused_in_ruby = [])
+        @delivered_lock.synchronize { @inflight[chunk_id] = delivery }
+        result = delivery.wait
+        @delivered_lock.synchronize { @inflight.delete(chunk_id) if @inflight[chunk_id].equal?(delivery) }
+        result["refused"] = (result["refused"] + refused_in_ruby).sort_by(&:first) unless refused_in_ruby.empty?
+        account(result)
+        emit_refused(chunk, tag, result["refused"]) unless result["refused"].empty?
+        if (err = result["progress_file_error"])
+          log.warn "chunk #{chunk_id}: cannot keep its delivery progress on disk (a crash now would resend the whole chunk)", error: err
+        end
+        result
+      rescue FluentPluginKinesisRs::NeedsRubyFormattingError, FluentPluginKinesisRs::CorruptChunkError
+        @delivered_lock.synchronize { @inflight.delete(chunk_id) if @inflight[chunk_id].equal?(delivery) }
+        raise
       end
 
       # The slow path: fluentd's formatter, then the extension delivers.
-      def deliver_formatted_in_ruby(chunk, stream, tag, previously)
+      def format_in_ruby(chunk, tag, previously)
         records = []
         refused = []
         index = -1
@@ -448,9 +513,7 @@ module Fluent
             refused << [index, e.message]
           end
         end
-        result = @producer.put_records(stream, records, index + 1, previously)
-        result["refused"] = (result["refused"] + refused).sort_by(&:first)
-        result
+        [records, index + 1, refused]
       end
 
       def format_record(tag, time, record)
@@ -507,12 +570,115 @@ module Fluent
         bits
       end
 
-      def remember(chunk_id, delivered)
+      # What earlier attempts delivered or refused: this process's memory, else (file buffer,
+      # after a restart) the progress file. An unreadable file means "send everything".
+      def recall(chunk, chunk_id, progress)
+        known = @delivered_lock.synchronize { @delivered[chunk_id] }
+        return known if known || progress.nil?
+
+        bits = FluentPluginKinesisRs::Native.read_progress(progress, chunk.unique_id)
+        if bits
+          log.info "chunk #{chunk_id}: #{bits.unpack1("B*").count("1")} records were delivered before the restart; sending the rest"
+        end
+        bits
+      rescue FluentPluginKinesisRs::ProgressError => e
+        log.warn "chunk #{chunk_id}: its delivery progress cannot be read; sending every record again (duplicates possible)", error: e.message
+        nil
+      end
+
+      def remember(chunk, chunk_id, handled, progress)
         @delivered_lock.synchronize do
           @delivered.delete(chunk_id)
           @delivered.shift while @delivered.size >= MAX_REMEMBERED_CHUNKS
-          @delivered[chunk_id] = delivered
+          @delivered[chunk_id] = handled
         end
+        # The refused records are in the error stream now: persist them as handled too.
+        FluentPluginKinesisRs::Native.write_progress(progress, chunk.unique_id, handled) if progress
+      rescue FluentPluginKinesisRs::ProgressError => e
+        log.warn "chunk #{chunk_id}: cannot keep its delivery progress on disk", error: e.message
+      end
+
+      def forget(chunk_id, progress)
+        @delivered_lock.synchronize { @delivered.delete(chunk_id) }
+        FluentPluginKinesisRs::Native.remove_progress(progress) if progress
+      rescue FluentPluginKinesisRs::ProgressError => e
+        log.warn "chunk #{chunk_id}: cannot remove its progress file", error: e.message
+      end
+
+      def merge_bits(a, b)
+        return b unless a
+        return a unless b
+
+        long, short = a.bytesize >= b.bytesize ? [a.b, b] : [b.b, a]
+        short.each_byte.with_index { |byte, i| long.setbyte(i, long.getbyte(i) | byte) }
+        long
+      end
+
+      # Beside the chunk file, for file buffers: buffer.b<id>.log → buffer.p<id>.log.kinesis-progress
+      # (not matched by the buffer's own `*.log` pattern, and the same whether the chunk is
+      # staged or queued).
+      def progress_path(chunk)
+        return nil unless @persist_progress && @buffer.persistent? && chunk.respond_to?(:path)
+
+        "#{chunk.path.sub(/\.[bq]([0-9a-f]+)\.(?=[^\/]*\z)/, '.p\1.')}#{PROGRESS_SUFFIX}"
+      end
+
+      # Progress files whose chunk is gone (delivered, or handed to <secondary>/backup just
+      # before a stop) are removed at start.
+      def remove_orphan_progress_files
+        return unless @persist_progress && @buffer&.persistent? && @buffer.respond_to?(:path)
+
+        pattern = @buffer.path.to_s
+        return unless pattern.include?(".*.")
+
+        live = (@buffer.stage.values + @buffer.queue).map { |c| dump_unique_id_hex(c.unique_id) }
+        Dir.glob("#{pattern.sub(".*.", ".p*.")}#{PROGRESS_SUFFIX}").each do |file|
+          id = file[/\.p([0-9a-f]+)\.[^\/]*\z/, 1]
+          next if id.nil? || live.include?(id)
+
+          File.delete(file)
+          log.debug { "removed the progress file of a finished chunk: #{file}" }
+        rescue SystemCallError => e
+          log.warn "cannot remove #{file}", error: e.message
+        end
+      end
+
+      # After fluentd's force_flush: it stops at the first failed flush and never starts while a
+      # retry is pending, so queued chunks are written here until the budget is spent.
+      def drain_queue
+        while @buffer.queued? && Fluent::Clock.now < @drain_deadline
+          before = @buffer.queue.size
+          try_flush
+          sleep [1.0, @drain_deadline - Fluent::Clock.now].min.clamp(0, 1.0) if @buffer.queue.size >= before
+        end
+        return unless @buffer.queued?
+
+        lost = @buffer.persistent? ? "they stay in the buffer for the next start" : "a memory buffer loses them at exit"
+        log.error "shutdown budget (shutdown_timeout #{@shutdown_timeout}s) spent with #{@buffer.queue.size} chunks " \
+                  "(#{@buffer.queued_records} records) still queued: #{lost}"
+      end
+
+      # Logs, while a stop waits, what it waits for.
+      def start_drain_reporter
+        @drain_reporter = Thread.new do
+          Thread.current.name = "kinesis-drain-report" if Thread.current.respond_to?(:name=)
+          loop do
+            sleep DRAIN_LOG_INTERVAL
+            inflight = @delivered_lock.synchronize { @inflight.size }
+            queued = @buffering && @buffer ? @buffer.queue.size : 0
+            dequeued = @buffer ? @buffer.dequeued.size : 0
+            next if queued.zero? && dequeued.zero? && inflight.zero?
+
+            left = [@drain_deadline - Fluent::Clock.now, 0].max.round
+            log.info "shutting down: waiting for Kinesis deliveries (#{dequeued} chunks being written, #{queued} queued); " \
+                     "#{left}s of the shutdown budget left"
+          end
+        end
+      end
+
+      def stop_drain_reporter
+        @drain_reporter&.kill
+        @drain_reporter = nil
       end
 
       def account(result)
