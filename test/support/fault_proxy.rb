@@ -10,11 +10,15 @@ require "timeout"
 #
 #   proxy.push(2, "status 500")          the next two calls answer 500 InternalFailure
 #   proxy.always("partial_throttle 0.5") half the entries of every call are throttled
-#   proxy.clear                          back to forwarding untouched
+#   proxy.sometimes(0.02, "status 500")  2% of the calls answer 500 (tried before #always)
+#   proxy.shard_limit(1_048_576, 1000)   entries over a shard's rate (real Kinesis's here) are
+#                                        throttled and not forwarded
+#   proxy.clear                          back to forwarding untouched (no shard limit either)
 #   proxy.stats                          {"requests" => {"PutRecords" => n}, "faults_injected" => n, ...}
 #
 # Faults: "status 500|503", "throttle_request", "partial_throttle F", "partial_internal_failure F",
-# "reset", "delay_ms MS".
+# "reset", "delay_ms MS". A call with no queued fault gets the first #sometimes fault whose roll
+# hits, else the #always one. The shard limit applies to every call no whole-call fault stopped.
 class FaultProxy
   ROOT = File.expand_path("../..", __dir__)
   EXAMPLE = "kinesis_fault_proxy"
@@ -54,13 +58,31 @@ class FaultProxy
     command("always #{fault}")
   end
 
-  # Drops queued and standing faults; the counters stay.
+  # Applies fault, with the given probability (0 to 1), to a PutRecords call with no queued fault,
+  # until #clear. Such faults are rolled in the order added; the first that hits applies.
+  def sometimes(probability, fault)
+    command("sometimes #{probability} #{fault}")
+  end
+
+  # Limits each open shard to bytes_per_sec (data plus partition key) and records_per_sec, as
+  # Kinesis does: PutRecords entries over it fail with ProvisionedThroughputExceededException.
+  # Until #no_shard_limit or #clear.
+  def shard_limit(bytes_per_sec, records_per_sec)
+    command("shard_limit #{Integer(bytes_per_sec)} #{Integer(records_per_sec)}")
+  end
+
+  def no_shard_limit
+    command("shard_limit off")
+  end
+
+  # Drops queued, occasional and standing faults and the shard limit; the counters stay.
   def clear
     command("clear")
   end
 
-  # What the proxy saw and did: requests per operation, faults_injected, entries_throttled,
-  # entries_internal_failure, entries_forwarded, pending (queued faults not applied yet).
+  # What the proxy saw and did: requests per operation, faults_injected, entries_throttled
+  # (entries_over_shard_limit included), entries_over_shard_limit, entries_internal_failure,
+  # entries_forwarded, pending (queued faults not applied yet).
   def stats
     command("stats")
   end

@@ -7,14 +7,25 @@
 //!
 //! ```text
 //! push N FAULT      apply FAULT to each of the next N PutRecords requests
-//! always FAULT      apply FAULT to every PutRecords request after the queued ones
-//! clear             drop queued and standing faults (counters stay)
+//! sometimes P FAULT apply FAULT with probability P (0 to 1) to a PutRecords request with no
+//!                   queued fault; such rules are rolled in the order given, the first hit applies
+//! always FAULT      apply FAULT to every PutRecords request no queued or `sometimes` fault hit
+//!                   (replaces the previous one)
+//! shard_limit B R   limit each open shard to B bytes and R records per second, as Kinesis does
+//!                   (`shard_limit 1048576 1000`): PutRecords entries over it fail with
+//!                   ProvisionedThroughputExceededException and are not forwarded
+//! shard_limit off   lift the shard limit
+//! clear             drop queued, `sometimes` and `always` faults and the shard limit
+//!                   (counters stay)
 //! stats             {"requests":{"PutRecords":n,...},"faults_injected":n,"entries_throttled":n,
-//!                    "entries_internal_failure":n,"entries_forwarded":n,"pending":n}
+//!                    "entries_over_shard_limit":n,"entries_internal_failure":n,
+//!                    "entries_forwarded":n,"pending":n}
 //! ```
 //!
 //! FAULT is `status 500`, `throttle_request`, `partial_throttle 0.5`,
 //! `partial_internal_failure 0.5` (fractions of the entries), `reset` or `delay_ms 1500`.
+//! entries_throttled counts the entries over the shard limit as well. The shard limit is
+//! explained in tests/support/fault_proxy.rs (`ProxyHandle::shard_limit`).
 //! The proxy exits when stdin closes.
 //!
 //! `cargo run -p kinesis_core --example kinesis_fault_proxy -- http://127.0.0.1:4567`
@@ -58,6 +69,7 @@ fn stats(proxy: &ProxyHandle) -> Value {
         "requests": s.requests,
         "faults_injected": s.faults_injected,
         "entries_throttled": s.entries_throttled,
+        "entries_over_shard_limit": s.entries_over_shard_limit,
         "entries_internal_failure": s.entries_internal_failure,
         "entries_forwarded": s.entries_forwarded,
         "pending": proxy.pending(),
@@ -75,8 +87,29 @@ fn command(proxy: &ProxyHandle, line: &str) -> Result<Value, String> {
             proxy.push_n(n, parse_fault(fault)?);
             Ok(ok)
         }
+        ["sometimes", p, fault @ ..] => {
+            let p: f64 = p
+                .parse()
+                .ok()
+                .filter(|p| (0.0..=1.0).contains(p))
+                .ok_or_else(|| format!("sometimes: {p:?} is not a probability (0 to 1)"))?;
+            proxy.sometimes(p, parse_fault(fault)?);
+            Ok(ok)
+        }
         ["always", fault @ ..] => {
             proxy.always(parse_fault(fault)?);
+            Ok(ok)
+        }
+        ["shard_limit", "off"] => {
+            proxy.no_shard_limit();
+            Ok(ok)
+        }
+        ["shard_limit", bytes, records] => {
+            let rate = |text: &str, what: &str| {
+                text.parse::<u64>()
+                    .map_err(|_| format!("shard_limit: {text:?} is not {what} per second"))
+            };
+            proxy.shard_limit(rate(bytes, "bytes")?, rate(records, "records")?);
             Ok(ok)
         }
         ["clear"] => {
@@ -85,7 +118,7 @@ fn command(proxy: &ProxyHandle, line: &str) -> Result<Value, String> {
         }
         ["stats"] => Ok(stats(proxy)),
         _ => Err(format!(
-            "unknown command {line:?}: push N FAULT, always FAULT, clear, stats"
+            "unknown command {line:?}: push N FAULT, sometimes P FAULT, always FAULT, shard_limit B R, shard_limit off, clear, stats"
         )),
     }
 }

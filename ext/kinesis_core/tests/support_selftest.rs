@@ -1,10 +1,10 @@
 //! Proves the integration-test support works against a real kinesalite: stream helpers, and
-//! every FaultProxy fault as a plain SDK client without retries sees it.
+//! every FaultProxy fault and its shard limit as a plain SDK client without retries sees them.
 
 mod support;
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::config::http::HttpResponse;
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
@@ -17,6 +17,12 @@ use support::*;
 
 /// Hash keys per shard of a fresh 4-shard stream: shard k owns [k·QUARTER, (k+1)·QUARTER).
 const QUARTER: u128 = 1 << 126;
+/// The same for a fresh 2-shard stream.
+const HALF: u128 = 1 << 127;
+/// What one entry of the shard limit tests counts against its shard: ten fit in the 100 000
+/// bytes of the limit those tests set, eleven do not.
+const ENTRY_BYTES: usize = 9_900;
+const THROTTLED: &str = "ProvisionedThroughputExceededException";
 
 /// Entry `i` carries data "{tag}-{i}" and goes to shard i % 4 (by explicit hash key).
 fn entries(tag: &str, n: usize) -> Vec<PutRecordsRequestEntry> {
@@ -30,6 +36,34 @@ fn entries(tag: &str, n: usize) -> Vec<PutRecordsRequestEntry> {
                 .unwrap()
         })
         .collect()
+}
+
+/// An entry for hash key `hash` that counts `size` bytes against the shard limit (data plus
+/// partition key): its data is `name` padded with dots (see [`names_of`]).
+fn sized_entry(name: &str, hash: u128, size: usize) -> PutRecordsRequestEntry {
+    let key = "pk";
+    let data = format!("{name:.<width$}", width = size - key.len());
+    PutRecordsRequestEntry::builder()
+        .data(Blob::new(data))
+        .partition_key(key)
+        .explicit_hash_key(hash.to_string())
+        .build()
+        .unwrap()
+}
+
+/// The names of [`sized_entry`] records.
+fn names_of(records: &[ReadRecord]) -> BTreeSet<String> {
+    data_of(records)
+        .iter()
+        .map(|d| d.trim_end_matches('.').to_string())
+        .collect()
+}
+
+fn throttle_message(shard: usize, stream: &str) -> String {
+    format!(
+        "Rate exceeded for shard {} in stream {stream} under account 000000000000.",
+        shard_id(shard)
+    )
 }
 
 fn shard_id(index: usize) -> String {
@@ -64,8 +98,8 @@ fn http_status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
     e.raw_response().map(|r| r.status().as_u16())
 }
 
-/// A fresh 4-shard stream on the shared kinesalite, a proxy in front of it, a client without
-/// retries that goes through the proxy, and one with retries that goes straight to kinesalite.
+/// A fresh stream on the shared kinesalite, a proxy in front of it, a client without retries
+/// that goes through the proxy, and one with retries that goes straight to kinesalite.
 struct Setup {
     proxy: FaultProxy,
     through_proxy: Client,
@@ -73,11 +107,16 @@ struct Setup {
     stream: String,
 }
 
+/// The setup with a 4-shard stream.
 async fn setup(attempt_timeout: Option<Duration>) -> Setup {
+    setup_with(4, attempt_timeout).await
+}
+
+async fn setup_with(shards: i32, attempt_timeout: Option<Duration>) -> Setup {
     let kinesalite = Kinesalite::shared();
     let direct = client(&kinesalite.endpoint()).await;
     let stream = unique_stream_name("selftest");
-    create_stream(&direct, &stream, 4).await;
+    create_stream(&direct, &stream, shards).await;
     let proxy = FaultProxy::start(&kinesalite.endpoint()).await;
     let through_proxy = raw_client(&proxy.endpoint(), attempt_timeout).await;
     Setup {
@@ -473,4 +512,187 @@ async fn faults_target_one_operation_and_standing_faults_last_until_cleared() {
         ),
         (5, 2, 4)
     );
+}
+
+#[tokio::test]
+async fn sometimes_faults_hit_at_random_before_the_standing_one() {
+    let s = setup(None).await;
+    s.proxy.sometimes(0.5, Fault::Status(500));
+    let mut failed = 0;
+    for call in 0..40 {
+        match put(&s.through_proxy, &s.stream, entries(&format!("r{call}"), 1)).await {
+            Ok(out) => assert_eq!(out.failed_record_count(), Some(0)),
+            Err(e) => {
+                assert_eq!(http_status(&e), Some(500), "{e:?}");
+                failed += 1;
+            }
+        }
+    }
+    // Outside 5..=35 about once in a million runs.
+    assert!((5..=35).contains(&failed), "{failed} of 40 calls failed");
+    let stats = s.proxy.stats();
+    assert_eq!(
+        (
+            stats.requests("PutRecords"),
+            stats.faults_injected,
+            stats.entries_forwarded
+        ),
+        (40, failed, 40 - failed)
+    );
+
+    // A queued fault comes first, then the first `sometimes` rule that hits, then `always`.
+    s.proxy.clear();
+    s.proxy.sometimes(0.0, Fault::Status(500));
+    s.proxy.sometimes(1.0, Fault::Status(503));
+    s.proxy.always(Fault::ThrottleRequest);
+    s.proxy.push(Fault::Reset);
+    let e = put(&s.through_proxy, &s.stream, entries("x", 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, SdkError::DispatchFailure(_)), "{e:?}");
+    for _ in 0..2 {
+        let e = put(&s.through_proxy, &s.stream, entries("x", 1))
+            .await
+            .unwrap_err();
+        assert_eq!(http_status(&e), Some(503), "{e:?}");
+    }
+    s.proxy.clear();
+    s.proxy.sometimes(0.0, Fault::Status(500));
+    s.proxy.always(Fault::ThrottleRequest);
+    let e = put(&s.through_proxy, &s.stream, entries("x", 1))
+        .await
+        .unwrap_err();
+    assert_eq!((http_status(&e), e.code()), (Some(400), Some(THROTTLED)));
+    s.proxy.clear();
+    put(&s.through_proxy, &s.stream, entries("y", 1))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn shard_limit_throttles_the_entries_over_a_shards_rate() {
+    let s = setup_with(2, None).await;
+    s.proxy.shard_limit(100_000, 1000);
+
+    // About 600 KB for shard 0 in six quick calls, each with a small entry for shard 1 too.
+    let started = Instant::now();
+    let (mut accepted, mut throttled) = (BTreeSet::new(), BTreeSet::new());
+    for call in 0..6 {
+        let mut names: Vec<String> = (0..10).map(|i| format!("hot-{call}-{i}")).collect();
+        names.push(format!("cold-{call}"));
+        let batch = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| match name.starts_with("hot") {
+                true => sized_entry(name, i as u128, ENTRY_BYTES),
+                false => sized_entry(name, HALF, 100),
+            })
+            .collect();
+        let out = put(&s.through_proxy, &s.stream, batch).await.unwrap();
+        for (name, r) in names.into_iter().zip(out.records()) {
+            if r.error_code().is_none() {
+                accepted.insert(name);
+                continue;
+            }
+            assert_eq!(r.error_code(), Some(THROTTLED), "{name}");
+            let expected = throttle_message(0, &s.stream);
+            assert_eq!(r.error_message(), Some(expected.as_str()), "{name}");
+            throttled.insert(name);
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+
+    assert!(
+        throttled.iter().all(|n| n.starts_with("hot")),
+        "shard 1 stayed under its limit: {throttled:?}"
+    );
+    let hot = accepted.iter().filter(|n| n.starts_with("hot")).count();
+    // A second's worth to begin with (the whole first call), then what refilled meanwhile.
+    assert!(
+        hot >= 10 && (hot * ENTRY_BYTES) as f64 <= 100_000.0 * (1.0 + elapsed),
+        "{hot} entries for shard 0 accepted in {elapsed:.2} s"
+    );
+    assert!(!throttled.is_empty(), "nothing throttled in {elapsed:.2} s");
+    assert_eq!(names_of(&read_all(&s.direct, &s.stream).await), accepted);
+    let stats = s.proxy.stats();
+    let over = throttled.len() as u64;
+    assert_eq!(
+        (
+            stats.faults_injected,
+            stats.entries_throttled,
+            stats.entries_over_shard_limit,
+            stats.entries_forwarded
+        ),
+        (0, over, over, accepted.len() as u64)
+    );
+
+    // A second later shard 0's buckets are full again: ten entries fit, the eleventh does not.
+    // A partial fault picks its entries first, and they use up nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.proxy
+        .push(Fault::PartialInternalFailure(Entries::Indices(vec![0])));
+    let batch = (0..12)
+        .map(|i| sized_entry(&format!("refilled-{i}"), i, ENTRY_BYTES))
+        .collect();
+    let out = put(&s.through_proxy, &s.stream, batch).await.unwrap();
+    let codes: Vec<_> = out.records().iter().map(|r| r.error_code()).collect();
+    let mut expected = vec![Some("InternalFailure")];
+    expected.extend([None; 10]);
+    expected.push(Some(THROTTLED));
+    assert_eq!(codes, expected);
+    assert_eq!(out.failed_record_count(), Some(2));
+
+    // `clear` lifts the limit: twice a second's worth goes through at once.
+    s.proxy.clear();
+    let batch = (0..20)
+        .map(|i| sized_entry(&format!("free-{i}"), i, ENTRY_BYTES))
+        .collect();
+    let out = put(&s.through_proxy, &s.stream, batch).await.unwrap();
+    assert_eq!(out.failed_record_count(), Some(0));
+
+    let mut landed = accepted;
+    landed.extend((1..=10).map(|i| format!("refilled-{i}")));
+    landed.extend((0..20).map(|i| format!("free-{i}")));
+    assert_eq!(names_of(&read_all(&s.direct, &s.stream).await), landed);
+    let stats = s.proxy.stats();
+    assert_eq!(
+        (
+            stats.entries_over_shard_limit,
+            stats.entries_internal_failure
+        ),
+        (over + 1, 1)
+    );
+}
+
+#[tokio::test]
+async fn shard_limit_follows_a_reshard() {
+    let s = setup_with(2, None).await;
+    s.proxy.shard_limit(100_000, 1000);
+    // The proxy lists the two shards now, and trusts that list for a second.
+    put(
+        &s.through_proxy,
+        &s.stream,
+        vec![sized_entry("before", 0, 100)],
+    )
+    .await
+    .unwrap();
+    let shards = split_shard(&s.direct, &s.stream, &shard_id(0), HALF / 2).await;
+    assert_eq!(shards[3].starting_hash_key, HALF / 2, "{shards:#?}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // The upper child (shard 3) has buckets of its own, and the errors name it.
+    let batch = (0..11)
+        .map(|i| sized_entry(&format!("child-{i}"), HALF / 2 + i, ENTRY_BYTES))
+        .collect();
+    let out = put(&s.through_proxy, &s.stream, batch).await.unwrap();
+    assert_eq!(out.failed_record_count(), Some(1));
+    let last = out.records().last().unwrap();
+    let expected = throttle_message(3, &s.stream);
+    assert_eq!(
+        (last.error_code(), last.error_message()),
+        (Some(THROTTLED), Some(expected.as_str()))
+    );
+    assert!(out.records()[..10]
+        .iter()
+        .all(|r| r.shard_id() == Some(shard_id(3).as_str())));
 }

@@ -2,16 +2,18 @@
 //! Kinesis produces: 5xx answers, whole-call and per-entry throttling, per-entry internal
 //! failures, dropped connections and slow answers. kinesalite never fails on its own.
 //!
-//! Faults are queued per operation (the `X-Amz-Target` suffix) and each applies to one request;
-//! a standing fault (`always`) applies to every request of its operation until `clear`.
-//! Requests without a fault are forwarded untouched.
+//! Faults are queued per operation (the `X-Amz-Target` suffix) and each applies to one request.
+//! A request with no queued fault gets the first occasional fault (`sometimes`) whose random roll
+//! hits, else the standing fault (`always`), if any; both last until `clear`. Requests without a
+//! fault are forwarded untouched, except that a shard limit ([`ProxyHandle::shard_limit`]) fails
+//! the PutRecords entries over their shard's write rate, as real Kinesis does under load.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -21,6 +23,7 @@ use hyper::header::{
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use md5::{Digest, Md5};
+use rand::Rng;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -30,6 +33,9 @@ const PUT_RECORDS: &str = "PutRecords";
 /// kinesalite's account id, used in the error messages we make up.
 const ACCOUNT: &str = "000000000000";
 const AMZ_JSON: &str = "application/x-amz-json-1.1";
+/// How long the shard limit trusts its list of a stream's open shards: long enough not to list
+/// them for every request, short enough that a test sees a reshard take effect.
+const SHARD_LIST_TTL: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fault {
@@ -78,10 +84,13 @@ impl Entries {
 pub struct ProxyStats {
     /// Requests per operation (e.g. "PutRecords"), faulted or not.
     pub requests: BTreeMap<String, u64>,
-    /// Requests a fault was applied to.
+    /// Requests a fault was applied to (the shard limit is not a fault).
     pub faults_injected: u64,
-    /// PutRecords entries answered with ProvisionedThroughputExceededException by a partial fault.
+    /// PutRecords entries answered with ProvisionedThroughputExceededException, by a partial
+    /// fault or the shard limit.
     pub entries_throttled: u64,
+    /// Of `entries_throttled`, those over the shard limit.
+    pub entries_over_shard_limit: u64,
     /// PutRecords entries answered with InternalFailure by a partial fault.
     pub entries_internal_failure: u64,
     /// PutRecords entries sent on to kinesalite.
@@ -97,7 +106,96 @@ impl ProxyStats {
 #[derive(Default)]
 struct Plan {
     queued: HashMap<String, VecDeque<Fault>>,
+    /// (probability, fault) rules per operation, rolled in order before `always`.
+    sometimes: HashMap<String, Vec<(f64, Fault)>>,
     always: HashMap<String, Fault>,
+    shard_limit: Option<ShardLimiter>,
+}
+
+/// (shard id, starting hash key, ending hash key) of an open shard.
+type OpenShard = (String, u128, u128);
+
+/// The shard limit with the state it keeps: each stream's open shards and each shard's buckets.
+struct ShardLimiter {
+    bytes_per_sec: u64,
+    records_per_sec: u64,
+    /// Open shards per stream, and when kinesalite listed them.
+    shards: HashMap<String, (Instant, Vec<OpenShard>)>,
+    /// Per (stream, shard id); a shard seen for the first time starts full.
+    buckets: HashMap<(String, String), ShardBuckets>,
+}
+
+impl ShardLimiter {
+    fn new(bytes_per_sec: u64, records_per_sec: u64) -> ShardLimiter {
+        ShardLimiter {
+            bytes_per_sec,
+            records_per_sec,
+            shards: HashMap::new(),
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// The open shards of `stream`, unless they were listed too long ago (or never).
+    fn listed_shards(&self, stream: &str) -> Option<Vec<OpenShard>> {
+        self.shards
+            .get(stream)
+            .filter(|(listed_at, _)| listed_at.elapsed() < SHARD_LIST_TTL)
+            .map(|(_, shards)| shards.clone())
+    }
+
+    /// Takes `bytes` and one record from the shard's buckets if both hold enough.
+    fn take(&mut self, stream: &str, shard: &str, bytes: u64) -> bool {
+        let now = Instant::now();
+        let (bytes_per_sec, records_per_sec) = (self.bytes_per_sec, self.records_per_sec);
+        self.buckets
+            .entry((stream.to_string(), shard.to_string()))
+            .or_insert_with(|| ShardBuckets {
+                bytes: Bucket::full(bytes_per_sec, now),
+                records: Bucket::full(records_per_sec, now),
+            })
+            .take(bytes, now)
+    }
+}
+
+struct ShardBuckets {
+    bytes: Bucket,
+    records: Bucket,
+}
+
+impl ShardBuckets {
+    fn take(&mut self, bytes: u64, now: Instant) -> bool {
+        self.bytes.refill(now);
+        self.records.refill(now);
+        let fits = self.bytes.tokens >= bytes as f64 && self.records.tokens >= 1.0;
+        if fits {
+            self.bytes.tokens -= bytes as f64;
+            self.records.tokens -= 1.0;
+        }
+        fits
+    }
+}
+
+/// A token bucket earning `rate` tokens a second, continuously, and holding at most `rate`.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    refilled_at: Instant,
+}
+
+impl Bucket {
+    fn full(rate: u64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: rate as f64,
+            rate: rate as f64,
+            refilled_at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let earned = self.rate * now.duration_since(self.refilled_at).as_secs_f64();
+        self.tokens = (self.tokens + earned).min(self.rate);
+        self.refilled_at = now;
+    }
 }
 
 struct State {
@@ -137,7 +235,27 @@ impl ProxyHandle {
             .push_back(fault);
     }
 
-    /// Applies `fault` to every PutRecords request (after the queued ones) until `clear`.
+    /// Applies `fault` to a PutRecords request with no queued fault with probability `p` (0 to 1),
+    /// until `clear`. Such rules are rolled in the order they were added and the first that hits
+    /// applies; when none does, the `always` fault does, if there is one.
+    pub fn sometimes(&self, p: f64, fault: Fault) {
+        self.sometimes_for(PUT_RECORDS, p, fault);
+    }
+
+    pub fn sometimes_for(&self, operation: &str, p: f64, fault: Fault) {
+        assert!((0.0..=1.0).contains(&p), "probability {p} is not in 0..=1");
+        self.0
+            .plan
+            .lock()
+            .unwrap()
+            .sometimes
+            .entry(operation.to_string())
+            .or_default()
+            .push((p, fault));
+    }
+
+    /// Applies `fault` to every PutRecords request that no queued or occasional fault applies to,
+    /// until `clear`; replaces the previous one.
     pub fn always(&self, fault: Fault) {
         self.always_for(PUT_RECORDS, fault);
     }
@@ -151,7 +269,28 @@ impl ProxyHandle {
             .insert(operation.to_string(), fault);
     }
 
-    /// Drops every queued and standing fault; the counters stay.
+    /// Limits each open shard's PutRecords writes as real Kinesis does (1 MiB and 1000 records
+    /// per second per shard), until `no_shard_limit` or `clear`. Each shard has a bucket of bytes
+    /// and one of records, refilled continuously at these rates and holding at most one second's
+    /// worth, full to begin with (also when this replaces an earlier limit). An entry takes its
+    /// size (data after base64 decoding, plus the partition key) and one record; one that does not
+    /// fit in both fails with ProvisionedThroughputExceededException and is not forwarded. This
+    /// holds whatever fault applies, except whole-call ones; a partial fault picks its entries
+    /// first, which use up nothing.
+    ///
+    /// Entries are routed as Kinesis routes them ([`hash_key`]) over the stream's open shards,
+    /// listed on kinesalite at most [`SHARD_LIST_TTL`] ago so a reshard is followed. Entries whose
+    /// shard is unknown (e.g. no such stream) are not limited; nor is any operation but PutRecords.
+    pub fn shard_limit(&self, bytes_per_sec: u64, records_per_sec: u64) {
+        self.0.plan.lock().unwrap().shard_limit =
+            Some(ShardLimiter::new(bytes_per_sec, records_per_sec));
+    }
+
+    pub fn no_shard_limit(&self) {
+        self.0.plan.lock().unwrap().shard_limit = None;
+    }
+
+    /// Drops every queued, occasional and standing fault, and the shard limit; the counters stay.
     pub fn clear(&self) {
         *self.0.plan.lock().unwrap() = Plan::default();
     }
@@ -310,10 +449,64 @@ impl State {
             .entry(operation.to_string())
             .or_default() += 1;
         let mut plan = self.plan.lock().unwrap();
-        match plan.queued.get_mut(operation).and_then(VecDeque::pop_front) {
-            Some(fault) => Some(fault),
-            None => plan.always.get(operation).cloned(),
+        if let Some(fault) = plan.queued.get_mut(operation).and_then(VecDeque::pop_front) {
+            return Some(fault);
         }
+        let mut rng = rand::thread_rng();
+        let by_chance = plan
+            .sometimes
+            .get(operation)
+            .into_iter()
+            .flatten()
+            .find(|(p, _)| rng.gen_bool(*p));
+        by_chance
+            .map(|(_, fault)| fault)
+            .or_else(|| plan.always.get(operation))
+            .cloned()
+    }
+
+    /// Which of `records` (positions not in `failed` already) are over their shard's limit, with
+    /// that shard; the others use up their shard's capacity. Empty without a shard limit.
+    async fn over_shard_limit(
+        &self,
+        stream: &str,
+        records: &[Value],
+        failed: &BTreeMap<usize, Value>,
+    ) -> Vec<(usize, String)> {
+        let listed = {
+            let plan = self.plan.lock().unwrap();
+            match &plan.shard_limit {
+                None => return Vec::new(),
+                Some(limiter) => limiter.listed_shards(stream),
+            }
+        };
+        let (shards, fresh) = match listed {
+            Some(shards) => (shards, false),
+            // Not cached if kinesalite cannot list them: the entries then go unlimited.
+            None => match list_open_shards(self, stream).await {
+                Some(shards) => (shards, true),
+                None => return Vec::new(),
+            },
+        };
+        let mut plan = self.plan.lock().unwrap();
+        // The limit may have been lifted or replaced while we listed the shards.
+        let Some(limiter) = plan.shard_limit.as_mut() else {
+            return Vec::new();
+        };
+        if fresh {
+            limiter
+                .shards
+                .insert(stream.to_string(), (Instant::now(), shards.clone()));
+        }
+        records
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !failed.contains_key(i))
+            .filter_map(|(i, entry)| {
+                let shard = shard_of(&shards, entry)?;
+                (!limiter.take(stream, shard, entry_bytes(entry))).then(|| (i, shard.to_string()))
+            })
+            .collect()
     }
 
     fn count(&self, update: impl FnOnce(&mut ProxyStats)) {
@@ -341,7 +534,7 @@ async fn respond(
         state.count(|s| s.faults_injected += 1);
     }
     match fault {
-        None => Ok(forward_counted(state, operation, req).await),
+        None => Ok(pass_on(state, operation, req).await),
         Some(Fault::Status(code)) => {
             let kind = if code == 503 {
                 "ServiceUnavailable"
@@ -358,10 +551,7 @@ async fn respond(
             let body: Value = serde_json::from_slice(req.body()).unwrap_or_default();
             let stream = stream_name(&body);
             let first = body["Records"].get(0).unwrap_or(&body);
-            let shard = shards_of(state, &stream, std::slice::from_ref(first))
-                .await
-                .pop()
-                .flatten();
+            let shard = shards_of(state, &stream, &[first]).await.pop().flatten();
             let message = throttle_message(&stream, shard.as_deref());
             Ok(error_response(
                 400,
@@ -370,10 +560,10 @@ async fn respond(
             ))
         }
         Some(Fault::PartialThrottle(entries)) => {
-            Ok(partial_failure(state, req, &entries, FailureKind::Throttle).await)
+            Ok(put_records(state, req, Some((entries, FailureKind::Throttle))).await)
         }
         Some(Fault::PartialInternalFailure(entries)) => {
-            Ok(partial_failure(state, req, &entries, FailureKind::Internal).await)
+            Ok(put_records(state, req, Some((entries, FailureKind::Internal))).await)
         }
         Some(Fault::Reset) => Err(io::Error::new(
             io::ErrorKind::ConnectionReset,
@@ -381,8 +571,18 @@ async fn respond(
         )),
         Some(Fault::Delay(delay)) => {
             tokio::time::sleep(delay).await;
-            Ok(forward_counted(state, operation, req).await)
+            Ok(pass_on(state, operation, req).await)
         }
+    }
+}
+
+/// Forwards a request no whole-call fault stopped: PutRecords subject to the shard limit,
+/// anything else untouched.
+async fn pass_on(state: &State, operation: &str, req: Request<Bytes>) -> Response<Bytes> {
+    if operation == PUT_RECORDS {
+        put_records(state, req, None).await
+    } else {
+        forward_counted(state, req, 0).await
     }
 }
 
@@ -392,54 +592,74 @@ enum FailureKind {
     Internal,
 }
 
-/// Fails the chosen PutRecords entries, forwards the rest, and splices the failures back into
-/// kinesalite's answer at their original positions.
-async fn partial_failure(
+/// Fails the PutRecords entries a partial fault picks, then those over the shard limit, forwards
+/// the rest, and splices the failures back into kinesalite's answer at their original positions.
+/// A request with no entry to fail is forwarded untouched.
+async fn put_records(
     state: &State,
     req: Request<Bytes>,
-    entries: &Entries,
-    kind: FailureKind,
+    partial: Option<(Entries, FailureKind)>,
 ) -> Response<Bytes> {
     let mut body: Value = match serde_json::from_slice(req.body()) {
         Ok(body @ Value::Object(_)) if body["Records"].is_array() => body,
-        _ => return forward_counted(state, PUT_RECORDS, req).await, // let kinesalite reject it
+        _ => return forward_counted(state, req, 0).await, // let kinesalite reject it
     };
     let records = std::mem::take(body["Records"].as_array_mut().expect("checked above"));
     let total = records.len();
-    let failed = entries.pick(total);
-    let (removed, kept): (Vec<_>, Vec<_>) = records
+    let stream = stream_name(&body);
+
+    // Position → the entry's answer, for every entry that is not forwarded.
+    let mut failures = BTreeMap::new();
+    let (mut throttled, mut internal) = (0, 0);
+    if let Some((entries, kind)) = partial {
+        let picked = entries.pick(total);
+        match kind {
+            FailureKind::Throttle => {
+                let picked_records: Vec<&Value> = picked.iter().map(|&i| &records[i]).collect();
+                let shards = shards_of(state, &stream, &picked_records).await;
+                failures.extend(
+                    picked
+                        .iter()
+                        .zip(&shards)
+                        .map(|(&i, shard)| (i, throttled_entry(&stream, shard.as_deref()))),
+                );
+                throttled = picked.len();
+            }
+            FailureKind::Internal => {
+                let failure = json!({"ErrorCode": "InternalFailure", "ErrorMessage": "Internal service failure."});
+                failures.extend(picked.iter().map(|&i| (i, failure.clone())));
+                internal = picked.len();
+            }
+        }
+    }
+    let over_limit = state.over_shard_limit(&stream, &records, &failures).await;
+    let over_limit_count = over_limit.len();
+    failures.extend(
+        over_limit
+            .into_iter()
+            .map(|(i, shard)| (i, throttled_entry(&stream, Some(&shard)))),
+    );
+    if failures.is_empty() {
+        return forward_counted(state, req, total).await;
+    }
+
+    let kept: Vec<Value> = records
         .into_iter()
         .enumerate()
-        .partition(|(i, _)| failed.contains(i));
-    let stream = stream_name(&body);
-    let failures: Vec<Value> = match kind {
-        FailureKind::Throttle => {
-            let removed: Vec<Value> = removed.into_iter().map(|(_, r)| r).collect();
-            let shards = shards_of(state, &stream, &removed).await;
-            shards
-                .iter()
-                .map(|shard| {
-                    let message = throttle_message(&stream, shard.as_deref());
-                    json!({"ErrorCode": "ProvisionedThroughputExceededException", "ErrorMessage": message})
-                })
-                .collect()
-        }
-        FailureKind::Internal => {
-            let failure = json!({"ErrorCode": "InternalFailure", "ErrorMessage": "Internal service failure."});
-            vec![failure; removed.len()]
-        }
-    };
-
+        .filter(|(i, _)| !failures.contains_key(i))
+        .map(|(_, r)| r)
+        .collect();
     // With nothing left to send, answer as Kinesis would: 200, every entry failed.
     let (mut head, mut answer, landed) = if kept.is_empty() {
         (Response::new(()).into_parts().0, json!({}), Vec::new())
     } else {
-        body["Records"] = kept.into_iter().map(|(_, r)| r).collect();
+        let sent = kept.len();
+        body["Records"] = Value::Array(kept);
         let (parts, _) = req.into_parts();
         let upstream = forward_counted(
             state,
-            PUT_RECORDS,
             Request::from_parts(parts, Bytes::from(body.to_string())),
+            sent,
         )
         .await;
         if upstream.status() != StatusCode::OK {
@@ -451,7 +671,7 @@ async fn partial_failure(
             .as_array_mut()
             .map(std::mem::take)
             .unwrap_or_default();
-        if landed.len() != body["Records"].as_array().map_or(0, Vec::len) {
+        if landed.len() != sent {
             let text = String::from_utf8_lossy(&upstream_body);
             return plain_response(
                 StatusCode::BAD_GATEWAY,
@@ -461,16 +681,14 @@ async fn partial_failure(
         (head, answer, landed)
     };
 
-    let (mut landed, mut failures) = (landed.into_iter(), failures.into_iter());
+    let mut landed = landed.into_iter();
     let spliced: Vec<Value> = (0..total)
         .map(|i| {
-            if failed.contains(&i) {
-                failures.next()
-            } else {
-                landed.next()
-            }
+            failures
+                .remove(&i)
+                .or_else(|| landed.next())
+                .expect("one entry per position")
         })
-        .map(|entry| entry.expect("one entry per position"))
         .collect();
     let failed_count = spliced
         .iter()
@@ -478,9 +696,10 @@ async fn partial_failure(
         .count();
     answer["FailedRecordCount"] = json!(failed_count);
     answer["Records"] = Value::Array(spliced);
-    state.count(|s| match kind {
-        FailureKind::Throttle => s.entries_throttled += failed.len() as u64,
-        FailureKind::Internal => s.entries_internal_failure += failed.len() as u64,
+    state.count(|s| {
+        s.entries_throttled += (throttled + over_limit_count) as u64;
+        s.entries_over_shard_limit += over_limit_count as u64;
+        s.entries_internal_failure += internal as u64;
     });
 
     let body = Bytes::from(answer.to_string());
@@ -490,6 +709,14 @@ async fn partial_failure(
     head.headers
         .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     Response::from_parts(head, body)
+}
+
+/// A PutRecords answer entry for an entry that was throttled.
+fn throttled_entry(stream: &str, shard: Option<&str>) -> Value {
+    json!({
+        "ErrorCode": "ProvisionedThroughputExceededException",
+        "ErrorMessage": throttle_message(stream, shard),
+    })
 }
 
 fn plain_response(status: StatusCode, text: String) -> Response<Bytes> {
@@ -536,23 +763,37 @@ fn hash_key(entry: &Value) -> Option<u128> {
     Some(u128::from_be_bytes(digest.into()))
 }
 
+/// What an entry counts against its shard's byte rate: the data (base64 in the request, counted
+/// decoded) and the partition key.
+fn entry_bytes(entry: &Value) -> u64 {
+    let data = entry["Data"]
+        .as_str()
+        .unwrap_or_default()
+        .trim_end_matches('=');
+    let key = entry["PartitionKey"].as_str().unwrap_or_default();
+    (data.len() * 3 / 4 + key.len()) as u64
+}
+
+/// The open shard whose hash key range holds the entry's hash key.
+fn shard_of<'a>(shards: &'a [OpenShard], entry: &Value) -> Option<&'a str> {
+    let hash = hash_key(entry)?;
+    shards
+        .iter()
+        .find(|(_, start, end)| (*start..=*end).contains(&hash))
+        .map(|(id, _, _)| id.as_str())
+}
+
 /// The open shard each entry would go to, looked up with one ListShards call (for error
 /// messages only; None where unknown).
-async fn shards_of(state: &State, stream: &str, entries: &[Value]) -> Vec<Option<String>> {
+async fn shards_of(state: &State, stream: &str, entries: &[&Value]) -> Vec<Option<String>> {
     let shards = list_open_shards(state, stream).await.unwrap_or_default();
     entries
         .iter()
-        .map(|e| {
-            let hash = hash_key(e)?;
-            shards
-                .iter()
-                .find(|(_, start, end)| (*start..=*end).contains(&hash))
-                .map(|(id, _, _)| id.clone())
-        })
+        .map(|e| shard_of(&shards, e).map(str::to_string))
         .collect()
 }
 
-async fn list_open_shards(state: &State, stream: &str) -> Option<Vec<(String, u128, u128)>> {
+async fn list_open_shards(state: &State, stream: &str) -> Option<Vec<OpenShard>> {
     let req = Request::post("/")
         .header("host", &state.upstream)
         .header(CONTENT_TYPE, AMZ_JSON)
@@ -581,15 +822,10 @@ async fn list_open_shards(state: &State, stream: &str) -> Option<Vec<(String, u1
     )
 }
 
-/// Forwards and counts PutRecords entries; an unreachable upstream becomes a 502.
-async fn forward_counted(state: &State, operation: &str, req: Request<Bytes>) -> Response<Bytes> {
-    if operation == PUT_RECORDS {
-        let entries = serde_json::from_slice::<Value>(req.body())
-            .ok()
-            .and_then(|b| b["Records"].as_array().map(Vec::len))
-            .unwrap_or(0);
-        state.count(|s| s.entries_forwarded += entries as u64);
-    }
+/// Forwards, counting `entries` PutRecords entries as forwarded; an unreachable upstream becomes
+/// a 502.
+async fn forward_counted(state: &State, req: Request<Bytes>, entries: usize) -> Response<Bytes> {
+    state.count(|s| s.entries_forwarded += entries as u64);
     match forward(state, req).await {
         Ok(resp) => resp,
         Err(e) => plain_response(
