@@ -61,9 +61,9 @@ require "fileutils"
 require "net/http"
 require "open3"
 require "rbconfig"
-require "socket"
 require "tmpdir"
-require_relative "apache_log"
+require_relative "../test/support/apache_log"
+require_relative "../test/support/fluentd_process"
 require_relative "../test/support/local_kinesis"
 
 module Bench
@@ -82,17 +82,9 @@ module Bench
 
   # [ruby + fluentd bin, load path dirs]
   def fluentd
-    dirs = if ENV["FLUENTD_LIB"] then ENV["FLUENTD_LIB"].split(File::PATH_SEPARATOR).reject(&:empty?)
-           elsif %w[/opt/serverengine/lib /opt/fluentd/lib].all? { |d| File.directory?(d) } then %w[/opt/serverengine/lib /opt/fluentd/lib]
-           else []
-           end
-    lib = dirs.find { |d| File.exist?(File.join(d, "fluent", "engine.rb")) }
-    bin = lib && File.expand_path("../bin/fluentd", lib)
-    return [[RbConfig.ruby, bin], dirs] if bin && File.exist?(bin)
-
-    [[RbConfig.ruby, Gem.bin_path("fluentd", "fluentd")], []]
-  rescue Gem::Exception
-    abort "bench: fluentd not found: set FLUENTD_LIB=<serverengine>/lib:<fluentd>/lib or install the fluentd gem"
+    FluentdProcess.locate
+  rescue FluentdProcess::NotFound => e
+    abort "bench: #{e.message}"
   end
 
   # [load path dirs, nil] or [nil, why the anchor cannot run]
@@ -111,13 +103,6 @@ module Bench
     end
 
     [dirs, out]
-  end
-
-  def free_port
-    server = TCPServer.new("127.0.0.1", 0)
-    server.addr[1]
-  ensure
-    server&.close
   end
 
   def proc_cpu_seconds(pid)
@@ -182,7 +167,7 @@ class BenchKinesis
   # {"read", "unique", "duplicates", "missing", "kinesis_records", "kcl_dropped"}
   def read_back(stream, expected)
     got = @kinesis.read(stream)
-    numbers = got["records"].map { |r| BenchApacheLog.number(r["data"]) }
+    numbers = got["records"].map { |r| ApacheLog.number(r["data"]) }
     unique = numbers.compact.uniq
     { "read" => numbers.size, "unique" => unique.size, "duplicates" => numbers.size - unique.size,
       "missing" => expected - (unique & (0...expected).to_a).size, "kinesis_records" => got["kinesis_records"],
@@ -190,7 +175,8 @@ class BenchKinesis
   end
 end
 
-# One fluentd process: in_tail (apache2) -> the given <match> body.
+# One fluentd process (test/support/fluentd_process.rb, `--no-supervisor`): in_tail (apache2) ->
+# the given <match> body, with its own config text and load path.
 class FluentdRun
   attr_reader :name, :result
 
@@ -230,15 +216,16 @@ class FluentdRun
 
   # Runs it; `done` is called with nothing and returns the delivery time once complete, or nil.
   def run(stream: nil)
-    monitor_port = @monitor_port = Bench.free_port
     File.write(File.join(@dir, "access.log"), "")
-    File.write(File.join(@dir, "fluent.conf"), config(monitor_port))
-    @log = File.join(@dir, "fluentd.log")
-    env = { "RUBYLIB" => @load_path.join(File::PATH_SEPARATOR) }
-    @pid = Process.spawn(env, *@command, "-c", File.join(@dir, "fluent.conf"), "--no-supervisor", "-o", @log,
-                         pgroup: true, out: File::NULL, err: [@log + ".stderr", "w"])
-    wait_until_running
-    @result["implementation"] = File.read(@log)[Bench::OUR_IMPLEMENTATION, 1]
+    @fluentd = FluentdProcess.new(dir: @dir, config: config(FluentdProcess.free_port), supervisor: false,
+                                  load_path: @load_path, command: @command, name: "fluentd (#{@name})")
+    @pid = @fluentd.start.pid
+    begin
+      @fluentd.wait_until_running(120)
+    rescue FluentdProcess::Error => e
+      raise "fluentd (#{@name}) did not start: #{e.message}"
+    end
+    @result["implementation"] = @fluentd.log_text[Bench::OUR_IMPLEMENTATION, 1]
     cpu0 = Bench.proc_cpu_seconds(@pid)
     t0 = Bench.now
     File.open(File.join(@dir, "access.log"), "a") { |f| f.write(@log_text) }
@@ -248,15 +235,14 @@ class FluentdRun
     @result["seconds"] = (finished_at || Bench.now) - t0
     @result["cpu_s"] = cpu1 - cpu0
     @result["vm_hwm_kib"] = Bench.vm_hwm_kib(@pid)
-    @result["monitor"] = Bench.http_json("http://127.0.0.1:#{monitor_port}/api/plugins.json")["plugins"]
-                              .find { |p| p["plugin_category"] == "output" }
+    @result["monitor"] = @fluentd.monitor_plugins.find { |p| p["plugin_category"] == "output" }
     @result
   ensure
     stop
   end
 
   def log_tail
-    File.exist?(@log.to_s) ? File.read(@log)[-3000..] || File.read(@log) : "(no log)"
+    @fluentd ? @fluentd.log_tail(3000) : "(no log)"
   end
 
   def cleanup
@@ -264,19 +250,6 @@ class FluentdRun
   end
 
   private
-
-  def wait_until_running
-    deadline = Time.now + 120
-    until File.exist?(@log) && File.read(@log).include?("fluentd worker is now running")
-      if Process.wait(@pid, Process::WNOHANG)
-        @pid = nil
-        raise "fluentd (#{@name}) exited during startup:\n#{log_tail}\n#{File.read(@log + ".stderr") rescue ""}"
-      end
-      raise "fluentd (#{@name}) did not start within 120 s:\n#{log_tail}" if Time.now > deadline
-
-      sleep 0.1
-    end
-  end
 
   def read_position
     line = File.read(File.join(@dir, "access.log.pos")).lines.find { |l| l.start_with?(File.join(@dir, "access.log") + "\t") }
@@ -289,7 +262,7 @@ class FluentdRun
   def flushed?
     return true unless @match_body.include?("<buffer")
 
-    out = Bench.http_json("http://127.0.0.1:#{@monitor_port}/api/plugins.json")["plugins"].find { |p| p["plugin_category"] == "output" }
+    out = @fluentd.monitor_plugins.find { |p| p["plugin_category"] == "output" }
     out["emit_records"] >= Bench::LINES && out["buffer_total_queued_size"].zero?
   end
 
@@ -304,24 +277,14 @@ class FluentdRun
         return Bench.now
       end
       return nil if Bench.now > deadline
-      if Process.wait(@pid, Process::WNOHANG)
-        @pid = nil
-        raise "fluentd (#{@name}) exited before it was done:\n#{log_tail}"
-      end
+      raise "fluentd (#{@name}) exited before it was done:\n#{log_tail}" unless @fluentd.alive?
 
       sleep 0.1
     end
   end
 
   def stop
-    return unless @pid
-
-    Process.kill("TERM", @pid)
-    Process.wait(@pid)
-  rescue Errno::ESRCH, Errno::ECHILD
-    nil
-  ensure
-    @pid = nil
+    @fluentd&.stop(timeout: 120)
   end
 end
 
@@ -377,7 +340,7 @@ def main
 
   bk = BenchKinesis.new
   puts "bench: kinesalite #{bk.kinesis.endpoint}, counting proxy #{bk.endpoint}"
-  log_text = BenchApacheLog.text(Bench::LINES)
+  log_text = ApacheLog.text(Bench::LINES)
   puts "bench: log #{Bench.fmt(log_text.bytesize / 1e6, 1)} MB (#{Bench.fmt(log_text.bytesize.to_f / Bench::LINES)} bytes a line)"
 
   runs = []

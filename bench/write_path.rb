@@ -30,7 +30,7 @@ require "fluent/test"
 require "fluent/version"
 require "fluent/test/driver/output"
 require "fluent/plugin/parser_apache2"
-require_relative "apache_log"
+require_relative "../test/support/apache_log"
 
 Test::Unit::AutoRunner.need_auto_run = false
 
@@ -73,7 +73,7 @@ parser.configure(Fluent::Config::Element.new("parse", "", {}, []))
 packed_streams = lambda do |numbers|
   numbers.each_slice(1000).map do |slice|
     es = Fluent::MultiEventStream.new
-    slice.each { |i| parser.parse(BenchApacheLog.line(i)) { |time, record| es.add(time, record) } }
+    slice.each { |i| parser.parse(ApacheLog.line(i)) { |time, record| es.add(time, record) } }
     es.to_msgpack_stream.freeze
   end
 end

@@ -4,11 +4,9 @@ require_relative "helper"
 return unless TestHelper.fluentd!("real fluentd end-to-end tests")
 
 require "tmpdir"
-require "timeout"
-require "rbconfig"
-require "socket"
-require "net/http"
 require_relative "support/local_kinesis"
+require_relative "support/fluentd_process"
+require_relative "support/apache_log"
 
 # A real fluentd process, as in production: in_tail of an Apache access log (format apache2)
 # -> this plugin -> local Kinesis with several shards -> read back and deaggregated with the
@@ -16,6 +14,8 @@ require_relative "support/local_kinesis"
 # KCL's shard-range check holding for every aggregate.
 class FluentdEndToEndTest < Test::Unit::TestCase
   LINES = 5000
+  # Many client addresses (so `partition_key host` reaches every shard), a path per line.
+  LINE_FIELDS = { host: ApacheLog::SPREAD_HOST, path: ->(i) { "/shop/item/#{i}?ref=e2e" } }.freeze
 
   setup do
     @kinesis = LocalKinesis.shared
@@ -23,91 +23,23 @@ class FluentdEndToEndTest < Test::Unit::TestCase
   end
 
   teardown do
-    stop_fluentd
+    @fluentd&.stop(timeout: 30)
     FileUtils.rm_rf(@dir)
-  end
-
-  def fluentd_command
-    lib = $LOAD_PATH.find { |d| File.exist?(File.join(d, "fluent", "engine.rb")) }
-    bin = File.expand_path("../bin/fluentd", lib)
-    bin = Gem.bin_path("fluentd", "fluentd") unless File.exist?(bin)
-    [RbConfig.ruby, bin]
-  end
-
-  def apache_line(i)
-    ip = "10.#{i % 3}.#{(i / 3) % 256}.#{i % 200}"
-    %(#{ip} - user#{i % 5} [25/Nov/2026:10:#{format("%02d", (i / 60) % 60)}:#{format("%02d", i % 60)} +0000] ) +
-      %("GET /shop/item/#{i}?ref=e2e HTTP/1.1" 200 #{1000 + i} "https://example.com/start" "Mozilla/5.0 (e2e #{i})")
   end
 
   def start_fluentd(stream, extra)
     log = File.join(@dir, "access.log")
     File.write(log, "")
-    conf = File.join(@dir, "fluent.conf")
-    @monitor_port = free_port
-    File.write(conf, <<~CONF)
-      <source>
-        @type monitor_agent
-        bind 127.0.0.1
-        port #{@monitor_port}
-      </source>
-      <source>
-        @type tail
-        path #{log}
-        pos_file #{@dir}/access.log.pos
-        tag apache.access
-        read_from_head true
-        <parse>
-          @type apache2
-        </parse>
-      </source>
-      <match apache.access>
-        @type kinesis_streams_aggregated
-        stream_name #{stream}
-        region ap-northeast-1
-        endpoint #{@kinesis.endpoint}
-        aws_key_id AKIDTEST
-        aws_sec_key secretsecret
-        #{extra}
-        <buffer>
-          flush_interval 1s
-          flush_thread_count 2
-        </buffer>
-      </match>
-    CONF
-    env = { "RUBYLIB" => ([File.join(TestHelper::ROOT, "lib")] + $LOAD_PATH.grep(%r{fluentd|serverengine})).join(File::PATH_SEPARATOR) }
-    @fluentd_log = File.join(@dir, "fluentd.log")
-    @fluentd = Process.spawn(env, *fluentd_command, "-c", conf, "--no-supervisor", "-o", @fluentd_log, pgroup: true)
-    File.open(log, "a") do |f|
-      LINES.times do |i|
-        f.puts apache_line(i)
-        f.flush if (i % 500).zero?
-      end
-    end
-  end
-
-  def free_port
-    server = TCPServer.new("127.0.0.1", 0)
-    server.addr[1]
-  ensure
-    server&.close
+    config = FluentdProcess.pipeline_config(dir: @dir, log: log, stream: stream, endpoint: @kinesis.endpoint,
+                                            plugin: extra, buffer: { flush_interval: "1s", flush_thread_count: 2 },
+                                            monitor_port: FluentdProcess.free_port)
+    @fluentd = FluentdProcess.new(dir: @dir, config: config, supervisor: false).start
+    ApacheLog.append(log, LINES, flush_every: 500, **LINE_FIELDS)
   end
 
   # The plugin's counters as fluentd's monitor_agent serves them.
   def monitor_output
-    plugins = JSON.parse(Net::HTTP.get(URI("http://127.0.0.1:#{@monitor_port}/api/plugins.json")))["plugins"]
-    plugins.find { |p| p["type"] == "kinesis_streams_aggregated" }
-  end
-
-  def stop_fluentd
-    return unless @fluentd
-
-    Process.kill("TERM", @fluentd)
-    Timeout.timeout(30) { Process.wait(@fluentd) }
-  rescue Errno::ESRCH, Errno::ECHILD
-    nil
-  ensure
-    @fluentd = nil
+    @fluentd.monitor_plugin("kinesis_streams_aggregated")
   end
 
   def wait_for_records(stream, count, timeout: 90)
@@ -116,7 +48,7 @@ class FluentdEndToEndTest < Test::Unit::TestCase
       got = @kinesis.read(stream)
       return got if got["records"].size >= count
       if Time.now > deadline
-        flunk "only #{got["records"].size} of #{count} records arrived in #{timeout}s; fluentd log:\n#{File.read(@fluentd_log)[-4000..]}"
+        flunk "only #{got["records"].size} of #{count} records arrived in #{timeout}s; fluentd log:\n#{@fluentd.diagnostics}"
       end
       sleep 1
     end
@@ -142,7 +74,7 @@ class FluentdEndToEndTest < Test::Unit::TestCase
     assert_equal 0, stats["kinesis_failed"]
     assert_operator stats["kinesis_requests"], :>=, 1
     assert_operator stats["kinesis_aggregates"], :>=, 1
-    log = File.read(@fluentd_log)
+    log = @fluentd.log_text
     assert_match(/kinesis_streams_aggregated is fluent-plugin-kinesis-rs/, log)
     assert_match(/is reachable with 2 open shard/, log)
   end
