@@ -148,4 +148,55 @@ class KinesisStreamsAggregatedOutputTest < Test::Unit::TestCase
     chunk.commit
     chunk
   end
+
+  sub_test_case "invalid UTF-8 (in_tail passes such bytes through)" do
+    # A line from in_tail with a Latin-1 byte and a truncated UTF-8 sequence.
+    def bad_records
+      [{ "message" => "caf\xE9 ok".b.force_encoding("UTF-8"), "host" => "h1" },
+       { "message" => "fine ü", "host" => "h2" },
+       { "message" => "cut \xF0\x9F\x98".b.force_encoding("UTF-8"), "host" => "h3" }]
+    end
+
+    def scrubbed_json(record)
+      Oj.dump(FluentPluginKinesisRs::Scrub.record(record).first, mode: :compat) + "\n"
+    end
+
+    data("Rust formatter" => "", "fluentd's formatter (CRLF newlines)" => "<format>\n@type json\nnewline crlf\n</format>")
+    test "valid JSON is sent, invalid sequences replaced by U+FFFD, counted" do |format|
+      stream = @kinesis.create_stream(@kinesis.unique_stream, 1)
+      d = driver(config(stream, "partition_key host\n#{format}"))
+      run_driver(d, bad_records)
+      got = @kinesis.read(stream)["records"].map { |r| r["data"] }
+      parsed = TestHelper.python_json(<<~PY, got.map { |g| g.unpack1("H*") })
+        import json, sys
+        print(json.dumps([json.loads(bytes.fromhex(h).decode("utf-8")) for h in json.load(sys.stdin)]))
+      PY
+      assert_equal ["caf\uFFFD ok", "cut \uFFFD", "fine ü"], parsed.map { |r| r["message"] }.sort
+      expected = bad_records.map { |r| scrubbed_json(r) }
+      expected = expected.map { |e| e.sub(/\n\z/, "\r\n") } unless format.empty?
+      assert_equal expected.sort, got.map { |g| g.force_encoding("UTF-8") }.sort
+      assert_equal 2, d.instance.kinesis_statistics["kinesis_scrubbed"]
+      assert_equal 3, d.instance.kinesis_statistics["kinesis_delivered"]
+    end
+
+    data("Rust formatter" => "", "fluentd's formatter (CRLF newlines)" => "<format>\n@type json\nnewline crlf\n</format>")
+    test "invalid_utf8 error: such records go to the error stream with the reason, the others are sent" do |format|
+      stream = @kinesis.create_stream(@kinesis.unique_stream, 1)
+      d = driver(config(stream, "invalid_utf8 error\n#{format}"))
+      run_driver(d, bad_records)
+      assert_equal 1, @kinesis.read(stream)["records"].size
+      errors = d.error_events
+      assert_equal 2, errors.size
+      errors.each { |_tag, _time, _record, error| assert_match(/invalid UTF-8 in field "message"/, error.message) }
+    end
+
+    test "a partition key that is not UTF-8 refuses its record, not the chunk (fluentd's formatter)" do
+      stream = @kinesis.create_stream(@kinesis.unique_stream, 1)
+      d = driver(config(stream, "partition_key host\n<format>\n@type json\nnewline crlf\n</format>"))
+      records = [{ "host" => "\xFF".b.force_encoding("UTF-8"), "m" => 1 }, { "host" => "ok", "m" => 2 }]
+      run_driver(d, records)
+      assert_equal 1, @kinesis.read(stream)["records"].size
+      assert_equal 1, d.error_events.size
+    end
+  end
 end

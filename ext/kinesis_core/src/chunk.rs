@@ -3,9 +3,13 @@
 //! record field), chomp, compress, and pick partition and explicit hash keys from fields.
 //!
 //! Anything this fast path cannot render exactly as fluentd's Ruby formatter would (a value
-//! Ruby would print with `inspect`, a string that is not UTF-8, a time format directive it does
-//! not know...) is reported as [`FormatError::NeedsRuby`], and the plugin formats that chunk with
-//! fluentd's own formatter instead, so output is always what the user configured.
+//! Ruby would print with `inspect`, a time format directive it does not know...) is reported as
+//! [`FormatError::NeedsRuby`], and the plugin formats that chunk with fluentd's own formatter
+//! instead, so output is always what the user configured.
+//!
+//! Strings that are not valid UTF-8 (in_tail passes such lines through) never leave as JSON:
+//! each invalid sequence becomes U+FFFD exactly as Ruby's `String#scrub` does, or the record is
+//! refused ([`InvalidUtf8`]). Raw output (`single_value`, `data_key`, `msgpack`) keeps the bytes.
 
 use std::io::Write;
 
@@ -87,6 +91,17 @@ impl Inject {
     }
 }
 
+/// What the JSON format does with a string (value or key) that is not valid UTF-8.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum InvalidUtf8 {
+    /// Replace each invalid sequence with U+FFFD, byte for byte as Ruby's `String#scrub` does
+    /// (Unicode's "maximal subpart" rule, which `String::from_utf8_lossy` follows too).
+    #[default]
+    Replace,
+    /// Refuse the record (it goes to fluentd's error stream); plugin option value `error`.
+    Refuse,
+}
+
 /// Everything the plugin's configuration says about turning events into user records.
 #[derive(Debug, Clone)]
 pub struct FormatSpec {
@@ -100,6 +115,8 @@ pub struct FormatSpec {
     pub explicit_hash_key_field: Option<String>,
     /// Formatted (and compressed) data larger than this is refused.
     pub max_data_bytes: usize,
+    /// Strings that are not valid UTF-8 in the JSON format (raw formats keep the bytes).
+    pub invalid_utf8: InvalidUtf8,
 }
 
 /// Why a chunk cannot take the fast path, or cannot be read at all.
@@ -121,6 +138,8 @@ pub struct FormattedChunk {
     pub refused: Vec<(u32, String)>,
     /// Events in the chunk, skipped ones included.
     pub event_count: u32,
+    /// Batch records whose JSON had invalid UTF-8 replaced with U+FFFD.
+    pub scrubbed: u32,
 }
 
 /// Translates a Ruby `strftime` format into chrono items; `None` if it uses a directive whose
@@ -198,15 +217,121 @@ fn needs_ruby(what: impl Into<String>) -> FormatError {
     FormatError::NeedsRuby(what.into())
 }
 
-fn utf8<'a>(bytes: &'a [u8], what: &str) -> Result<&'a str, FormatError> {
-    std::str::from_utf8(bytes).map_err(|_| needs_ruby(format!("{what} is not valid UTF-8")))
+/// Where a string sits in a record, for the reason a record is refused.
+#[derive(Clone, Copy)]
+enum Site {
+    /// A top-level key.
+    Name,
+    /// The value of a top-level key.
+    Value,
+    /// A key or string inside an array or map value.
+    Nested,
+}
+
+/// One record's invalid UTF-8 handling in the JSON writer.
+struct Utf8State<'a> {
+    mode: InvalidUtf8,
+    /// The top-level key being written (names the field in a refusal).
+    field: &'a [u8],
+    /// A replacement was made in this record.
+    scrubbed: bool,
+    /// With [`InvalidUtf8::Refuse`]: why the record is refused (its first invalid string).
+    refusal: Option<String>,
+}
+
+impl Utf8State<'_> {
+    fn new(mode: InvalidUtf8) -> Self {
+        Utf8State {
+            mode,
+            field: b"",
+            scrubbed: false,
+            refusal: None,
+        }
+    }
+
+    fn refuse(&mut self, bytes: &[u8], offset: usize, site: Site) {
+        if self.refusal.is_some() {
+            return;
+        }
+        let name = |b: &[u8]| {
+            let mut n = String::from_utf8_lossy(b).into_owned();
+            if n.len() > 100 {
+                let mut cut = 100;
+                while !n.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                n.truncate(cut);
+                n.push_str("...");
+            }
+            n
+        };
+        let byte = bytes[offset];
+        let place = match site {
+            Site::Name => format!(
+                "in a field name ({:?}: byte 0x{byte:02x} at offset {offset})",
+                name(bytes)
+            ),
+            Site::Value => format!(
+                "in field {:?} (byte 0x{byte:02x} at offset {offset})",
+                name(self.field)
+            ),
+            Site::Nested => format!(
+                "in field {:?} (a string nested in it: byte 0x{byte:02x} at offset {offset})",
+                name(self.field)
+            ),
+        };
+        self.refusal = Some(format!(
+            "record has invalid UTF-8 {place}; sent to the error stream because invalid_utf8 is error"
+        ));
+    }
+}
+
+/// Appends `bytes` as a JSON string. Valid UTF-8 (the norm) is checked once and escaped;
+/// otherwise see [`json_invalid_utf8`].
+#[inline]
+fn json_text(out: &mut Vec<u8>, bytes: &[u8], st: &mut Utf8State, site: Site) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => json_string(out, s),
+        Err(e) => json_invalid_utf8(out, bytes, e.valid_up_to(), st, site),
+    }
+}
+
+/// Appends `bytes`, not valid UTF-8, as a JSON string with each invalid sequence replaced by
+/// U+FFFD: Ruby's `String#scrub`, byte for byte (both follow Unicode's "maximal subpart" rule,
+/// as `Utf8Chunks` does). With [`InvalidUtf8::Refuse`] the record is marked refused instead.
+#[cold]
+#[inline(never)]
+fn json_invalid_utf8(
+    out: &mut Vec<u8>,
+    bytes: &[u8],
+    first_invalid: usize,
+    st: &mut Utf8State,
+    site: Site,
+) {
+    if st.mode == InvalidUtf8::Refuse {
+        st.refuse(bytes, first_invalid, site);
+    }
+    st.scrubbed = true;
+    out.push(b'"');
+    for chunk in bytes.utf8_chunks() {
+        json_escape(out, chunk.valid().as_bytes());
+        if !chunk.invalid().is_empty() {
+            out.extend_from_slice("\u{FFFD}".as_bytes());
+        }
+    }
+    out.push(b'"');
 }
 
 /// Appends `s` as a JSON string, escaping as fluentd's JSON encoders do.
 fn json_string(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
-    let bytes = s.as_bytes();
+    json_escape(out, s.as_bytes());
+    out.push(b'"');
+}
+
+/// Appends UTF-8 `bytes` escaped for a JSON string, as fluentd's JSON encoders do.
+fn json_escape(out: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let esc: &[u8] = match b {
@@ -231,7 +356,6 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }
 
 fn json_f64(out: &mut Vec<u8>, v: f64) -> Result<(), FormatError> {
@@ -242,7 +366,12 @@ fn json_f64(out: &mut Vec<u8>, v: f64) -> Result<(), FormatError> {
 }
 
 /// Transcodes the value at the reader to JSON.
-fn json_value(r: &mut Reader, out: &mut Vec<u8>, depth: usize) -> Result<(), FormatError> {
+fn json_value(
+    r: &mut Reader,
+    out: &mut Vec<u8>,
+    depth: usize,
+    st: &mut Utf8State,
+) -> Result<(), FormatError> {
     if depth > 512 {
         return Err(needs_ruby("record nests deeper than 512 levels"));
     }
@@ -257,14 +386,21 @@ fn json_value(r: &mut Reader, out: &mut Vec<u8>, depth: usize) -> Result<(), For
         }
         Head::F32(f) => json_f64(out, f64::from(f))?,
         Head::F64(f) => json_f64(out, f)?,
-        Head::Str(s) | Head::Bin(s) => json_string(out, utf8(s, "a string in the record")?),
+        Head::Str(s) | Head::Bin(s) => {
+            let site = if depth == 0 {
+                Site::Value
+            } else {
+                Site::Nested
+            };
+            json_text(out, s, st, site)
+        }
         Head::Array(n) => {
             out.push(b'[');
             for i in 0..n {
                 if i > 0 {
                     out.push(b',');
                 }
-                json_value(r, out, depth + 1)?;
+                json_value(r, out, depth + 1, st)?;
             }
             out.push(b']');
         }
@@ -275,13 +411,11 @@ fn json_value(r: &mut Reader, out: &mut Vec<u8>, depth: usize) -> Result<(), For
                     out.push(b',');
                 }
                 match r.head()? {
-                    Head::Str(k) | Head::Bin(k) => {
-                        json_string(out, utf8(k, "a key in the record")?)
-                    }
+                    Head::Str(k) | Head::Bin(k) => json_text(out, k, st, Site::Nested),
                     _ => return Err(needs_ruby("a map key is not a string")),
                 }
                 out.push(b':');
-                json_value(r, out, depth + 1)?;
+                json_value(r, out, depth + 1, st)?;
             }
             out.push(b'}');
         }
@@ -576,6 +710,7 @@ pub fn format_chunk(
             &mut scratch
         };
         let data_from = target.len();
+        let mut st = Utf8State::new(spec.invalid_utf8);
         // Ok(false): data_key is missing or nil, which the anchor reports as a missing key.
         let formatted: Result<bool, FormatError> = (|| {
             if let Some(dk) = &spec.data_key {
@@ -586,7 +721,7 @@ pub fn format_chunk(
                     None => Ok(false),
                 }
             } else {
-                write_formatted(spec, chunk, &entries, tag, sec, nsec, target)?;
+                write_formatted(spec, chunk, &entries, tag, sec, nsec, target, &mut st)?;
                 if spec.chomp_record {
                     chomp(target, data_from);
                 }
@@ -602,6 +737,11 @@ pub fn format_chunk(
                     spec.data_key.as_deref().unwrap_or("")
                 ),
             ));
+            continue;
+        }
+        if let Some(reason) = st.refusal {
+            out.batch.abandon(start);
+            out.refused.push((index, reason));
             continue;
         }
         if spec.compression != Compression::None {
@@ -623,6 +763,7 @@ pub fn format_chunk(
         out.batch
             .commit(start, partition_key.as_deref(), explicit_hash_key);
         out.events.push(index);
+        out.scrubbed += u32::from(st.scrubbed);
     }
     out.event_count = event;
     Ok(out)
@@ -647,14 +788,16 @@ fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
 }
 
 /// Writes one record with inject applied, in the configured format.
-fn write_formatted(
+#[allow(clippy::too_many_arguments)]
+fn write_formatted<'a>(
     spec: &FormatSpec,
-    chunk: &[u8],
-    entries: &[Entry],
+    chunk: &'a [u8],
+    entries: &[Entry<'a>],
     tag: Option<&str>,
     sec: i64,
     nsec: u32,
     out: &mut Vec<u8>,
+    st: &mut Utf8State<'a>,
 ) -> Result<(), FormatError> {
     let inject = &spec.inject;
     // Injected values replace existing keys in place (Ruby Hash#[]= keeps the position) and
@@ -726,7 +869,8 @@ fn write_formatted(
                         let mut s = Vec::with_capacity(40);
                         format_time(&mut s, sec, nsec, items, *zone)?;
                         if json {
-                            json_string(out, utf8(&s, "formatted time")?)
+                            // chrono writes UTF-8 (the format is a &str): nothing to replace.
+                            json_string(out, &String::from_utf8_lossy(&s))
                         } else {
                             pack_str(out, &s)
                         }
@@ -758,11 +902,12 @@ fn write_formatted(
                     out.push(b',');
                 }
                 first = false;
-                json_string(out, utf8(e.key, "a key in the record")?);
+                json_text(out, e.key, st, Site::Name);
                 out.push(b':');
                 if injected(e.key) {
                     write_injected(std::str::from_utf8(e.key).unwrap_or(""), out, true)?;
                 } else {
+                    st.field = e.key;
                     json_value(
                         &mut Reader {
                             buf: chunk,
@@ -770,6 +915,7 @@ fn write_formatted(
                         },
                         out,
                         0,
+                        st,
                     )?;
                 }
             }
@@ -868,6 +1014,7 @@ mod tests {
             partition_key_field: None,
             explicit_hash_key_field: None,
             max_data_bytes: 1024 * 1024,
+            invalid_utf8: InvalidUtf8::Replace,
         }
     }
 
@@ -954,5 +1101,239 @@ mod tests {
             f.batch.data(0),
             &[0x82, 0xa1, b'a', 0xa1, b'b', 0xa1, b'w', 0x03]
         );
+    }
+
+    /// `(input, Ruby 3.1's "input".force_encoding("UTF-8").scrub)` in hex, from actually running
+    /// Ruby: truncated and cut-off sequences, overlongs, UTF-8-encoded surrogates, F5..FF, lone
+    /// continuation bytes, and valid sequences next to invalid ones.
+    const RUBY_SCRUB: &[(&str, &str)] = &[
+        ("ff", "ef bf bd"),
+        ("fe", "ef bf bd"),
+        ("f5", "ef bf bd"),
+        (
+            "f8 88 80 80 80",
+            "ef bf bd ef bf bd ef bf bd ef bf bd ef bf bd",
+        ),
+        (
+            "fc 84 80 80 80 80",
+            "ef bf bd ef bf bd ef bf bd ef bf bd ef bf bd ef bf bd",
+        ),
+        ("c0 af", "ef bf bd ef bf bd"),
+        ("c0 80", "ef bf bd ef bf bd"),
+        ("c1 bf", "ef bf bd ef bf bd"),
+        ("e0 80 af", "ef bf bd ef bf bd ef bf bd"),
+        ("e0 9f bf", "ef bf bd ef bf bd ef bf bd"),
+        ("f0 80 80 af", "ef bf bd ef bf bd ef bf bd ef bf bd"),
+        ("f0 8f bf bf", "ef bf bd ef bf bd ef bf bd ef bf bd"),
+        ("ed a0 80", "ef bf bd ef bf bd ef bf bd"),
+        ("ed bf bf", "ef bf bd ef bf bd ef bf bd"),
+        (
+            "ed a0 80 ed b0 80",
+            "ef bf bd ef bf bd ef bf bd ef bf bd ef bf bd ef bf bd",
+        ),
+        ("f4 90 80 80", "ef bf bd ef bf bd ef bf bd ef bf bd"),
+        ("80", "ef bf bd"),
+        ("bf", "ef bf bd"),
+        ("41 80 42", "41 ef bf bd 42"),
+        ("80 80 80", "ef bf bd ef bf bd ef bf bd"),
+        ("c3", "ef bf bd"),
+        ("e3 81", "ef bf bd"),
+        ("f0 9f 98", "ef bf bd"),
+        ("f0 9f 98 41", "ef bf bd 41"),
+        ("e3 81 41", "ef bf bd 41"),
+        ("f0 9f 41", "ef bf bd 41"),
+        ("e3 41", "ef bf bd 41"),
+        ("c3 41", "ef bf bd 41"),
+        ("f0 41", "ef bf bd 41"),
+        ("61 f0 9f 98", "61 ef bf bd"),
+        ("61 f0 9f 98 80", "61 f0 9f 98 80"),
+        ("e2 82", "ef bf bd"),
+        ("e2 82 ac", "e2 82 ac"),
+        ("f0 9f 98 80", "f0 9f 98 80"),
+        (
+            "e1 80 e2 f0 91 92 f1 bf 41",
+            "ef bf bd ef bf bd ef bf bd ef bf bd 41",
+        ),
+        ("ed 9f bf", "ed 9f bf"),
+        ("ee 80 80", "ee 80 80"),
+        ("f4 8f bf bf", "f4 8f bf bf"),
+        ("f4 90", "ef bf bd ef bf bd"),
+        ("f4 8f", "ef bf bd"),
+        ("c2", "ef bf bd"),
+        ("df bf", "df bf"),
+        ("e0 a0 80", "e0 a0 80"),
+        ("e0 a0", "ef bf bd"),
+        ("e0 80", "ef bf bd ef bf bd"),
+        ("f1 80 80", "ef bf bd"),
+        ("f1 80 80 c3 a9", "ef bf bd c3 a9"),
+        (
+            "f8 80 80 80 80 80 61",
+            "ef bf bd ef bf bd ef bf bd ef bf bd ef bf bd ef bf bd 61",
+        ),
+        ("fe fe ff ff", "ef bf bd ef bf bd ef bf bd ef bf bd"),
+        ("c2 c2 c2", "ef bf bd ef bf bd ef bf bd"),
+        ("61 ed a0 62", "61 ef bf bd ef bf bd 62"),
+        ("61 ed 9f 62", "61 ef bf bd 62"),
+        ("e0 9f 80 61", "ef bf bd ef bf bd ef bf bd 61"),
+        ("e0 a0 61", "ef bf bd 61"),
+        ("f0 90 61", "ef bf bd 61"),
+        ("f0 8f 61", "ef bf bd ef bf bd 61"),
+        ("f4 80 80", "ef bf bd"),
+        ("f4 80 80 41", "ef bf bd 41"),
+        ("f0 80", "ef bf bd ef bf bd"),
+        ("ed a0", "ef bf bd ef bf bd"),
+        ("ed 80", "ef bf bd"),
+        ("c0", "ef bf bd"),
+    ];
+
+    fn hex(h: &str) -> Vec<u8> {
+        h.split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
+    }
+
+    fn event_bytes(out: &mut Vec<u8>, sec: u32, record: &[(&[u8], &[u8])]) {
+        out.extend_from_slice(&[0x92, 0xd7, 0x00]);
+        out.extend_from_slice(&sec.to_be_bytes());
+        out.extend_from_slice(&0u32.to_be_bytes());
+        pack_container(out, record.len(), 0x80, 0xde);
+        for (k, v) in record {
+            pack_str(out, k);
+            pack_str(out, v);
+        }
+    }
+
+    #[test]
+    fn replacement_is_ruby_scrub_byte_for_byte() {
+        for (input, ruby) in RUBY_SCRUB {
+            let (input, ruby) = (&hex(input)[..], &hex(ruby)[..]);
+            let mut out = Vec::new();
+            let mut st = Utf8State::new(InvalidUtf8::Replace);
+            json_text(&mut out, input, &mut st, Site::Value);
+            let mut want = b"\"".to_vec();
+            want.extend_from_slice(ruby);
+            want.push(b'"');
+            assert_eq!(out, want, "input {input:02x?}");
+            assert_eq!(st.scrubbed, std::str::from_utf8(input).is_err());
+            assert_eq!(String::from_utf8_lossy(input).as_bytes(), ruby);
+            assert!(st.refusal.is_none());
+        }
+    }
+
+    proptest::proptest! {
+        /// Any bytes become a JSON string that reads back as `from_utf8_lossy` of them (which is
+        /// Ruby's scrub: see RUBY_SCRUB), control characters and quotes included.
+        #[test]
+        fn any_bytes_become_valid_json(bytes in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::sample::select(vec![0x00u8, 0x0a, 0x22, 0x5c, 0x41, 0x7f, 0x80, 0x8f,
+                    0x9f, 0xa0, 0xbf, 0xc0, 0xc2, 0xdf, 0xe0, 0xed, 0xef, 0xf0, 0xf4, 0xf5, 0xff]),
+                proptest::num::u8::ANY,
+            ],
+            0..24,
+        )) {
+            let mut out = Vec::new();
+            let mut st = Utf8State::new(InvalidUtf8::Replace);
+            json_text(&mut out, &bytes, &mut st, Site::Value);
+            let back: String = serde_json::from_slice(&out).expect("valid JSON");
+            proptest::prop_assert_eq!(back, String::from_utf8_lossy(&bytes));
+            proptest::prop_assert_eq!(st.scrubbed, std::str::from_utf8(&bytes).is_err());
+        }
+    }
+
+    #[test]
+    fn json_replaces_invalid_utf8_in_values_and_keys() {
+        let mut chunk = Vec::new();
+        event_bytes(
+            &mut chunk,
+            1,
+            &[(b"message", b"caf\xe9 \"\xff\"\n\xf0\x9f\x98")],
+        );
+        event_bytes(&mut chunk, 2, &[(b"ok", b"fine \xe2\x82\xac")]);
+        event_bytes(&mut chunk, 3, &[(b"k\xc0\xaf", b"v")]);
+        // {"a": ["x\xed\xa0\x80", {"n\x80": bin "\xf8"}]}
+        chunk.extend_from_slice(&[0x92, 0x04, 0x81, 0xa1, b'a', 0x92]);
+        pack_str(&mut chunk, b"x\xed\xa0\x80");
+        chunk.push(0x81);
+        pack_str(&mut chunk, b"n\x80");
+        chunk.extend_from_slice(&[0xc4, 0x01, 0xf8]);
+        let s = spec(DataFormat::Json { add_newline: true });
+        let f = format_chunk(&s, &chunk, None, &|_| false).unwrap();
+        assert!(f.refused.is_empty());
+        assert_eq!(f.events, vec![0, 1, 2, 3]);
+        assert_eq!(f.scrubbed, 3);
+        let want = [
+            "{\"message\":\"caf\u{fffd} \\\"\u{fffd}\\\"\\n\u{fffd}\"}\n",
+            "{\"ok\":\"fine \u{20ac}\"}\n",
+            "{\"k\u{fffd}\u{fffd}\":\"v\"}\n",
+            "{\"a\":[\"x\u{fffd}\u{fffd}\u{fffd}\",{\"n\u{fffd}\":\"\u{fffd}\"}]}\n",
+        ];
+        for (i, w) in want.iter().enumerate() {
+            let got = std::str::from_utf8(f.batch.data(i)).expect("valid UTF-8");
+            assert_eq!(got, *w);
+            serde_json::from_str::<serde_json::Value>(got).expect("valid JSON");
+        }
+    }
+
+    #[test]
+    fn refuse_mode_refuses_records_with_invalid_utf8() {
+        let mut chunk = Vec::new();
+        event_bytes(&mut chunk, 1, &[(b"host", b"h"), (b"message", b"ab\xffc")]);
+        event_bytes(&mut chunk, 2, &[(b"message", b"fine")]);
+        event_bytes(&mut chunk, 3, &[(b"caf\xe9", b"v")]);
+        chunk.extend_from_slice(&[0x92, 0x04, 0x81, 0xa5]);
+        chunk.extend_from_slice(b"outer");
+        chunk.extend_from_slice(&[0x91, 0xa2, b'x', 0xc3]);
+        let mut s = spec(DataFormat::Json { add_newline: true });
+        s.invalid_utf8 = InvalidUtf8::Refuse;
+        let f = format_chunk(&s, &chunk, None, &|_| false).unwrap();
+        assert_eq!(f.events, vec![1]);
+        assert_eq!(f.batch.len(), 1);
+        assert_eq!(f.batch.data(0), b"{\"message\":\"fine\"}\n");
+        assert_eq!(f.scrubbed, 0);
+        let tail = "; sent to the error stream because invalid_utf8 is error";
+        assert_eq!(
+            f.refused,
+            vec![
+                (0, format!("record has invalid UTF-8 in field \"message\" (byte 0xff at offset 2){tail}")),
+                (2, format!("record has invalid UTF-8 in a field name (\"caf\u{fffd}\": byte 0xe9 at offset 3){tail}")),
+                (3, format!("record has invalid UTF-8 in field \"outer\" (a string nested in it: byte 0xc3 at offset 1){tail}")),
+            ]
+        );
+    }
+
+    #[test]
+    fn raw_formats_keep_invalid_bytes() {
+        let bad: &[u8] = b"line \xff\xfe \xe3\x81";
+        let mut chunk = Vec::new();
+        event_bytes(&mut chunk, 1, &[(b"message", bad), (b"k\xc0", b"v")]);
+        for mode in [InvalidUtf8::Replace, InvalidUtf8::Refuse] {
+            let mut s = spec(DataFormat::SingleValue {
+                message_key: "message".into(),
+                add_newline: false,
+            });
+            s.invalid_utf8 = mode;
+            let f = format_chunk(&s, &chunk, None, &|_| false).unwrap();
+            assert_eq!(f.batch.data(0), bad);
+            assert_eq!((f.scrubbed, f.refused.len()), (0, 0));
+
+            let mut s = spec(DataFormat::Json { add_newline: true });
+            s.data_key = Some("message".into());
+            s.invalid_utf8 = mode;
+            let f = format_chunk(&s, &chunk, None, &|_| false).unwrap();
+            assert_eq!(f.batch.data(0), bad);
+            assert_eq!((f.scrubbed, f.refused.len()), (0, 0));
+
+            let mut s = spec(DataFormat::Msgpack);
+            s.invalid_utf8 = mode;
+            let f = format_chunk(&s, &chunk, None, &|_| false).unwrap();
+            let mut want = vec![0x82];
+            pack_str(&mut want, b"message");
+            pack_str(&mut want, bad);
+            pack_str(&mut want, b"k\xc0");
+            pack_str(&mut want, b"v");
+            assert_eq!(f.batch.data(0), &want[..]);
+            assert_eq!((f.scrubbed, f.refused.len()), (0, 0));
+        }
     }
 }

@@ -237,6 +237,7 @@ async fn deliver_chunk(
 ) -> Result<ChunkOutcome, FormatError> {
     let skip = |i: u32| previously.is_some_and(|p| p.get(i));
     let formatted = format_chunk(spec, chunk, tag, &skip)?;
+    let scrubbed = formatted.scrubbed;
     let mut outcome = deliver_records(
         producer,
         stream,
@@ -249,6 +250,7 @@ async fn deliver_chunk(
     .await;
     outcome.refused.extend(formatted.refused);
     outcome.refused.sort_by_key(|r| r.0);
+    outcome.counters.scrubbed += u64::from(scrubbed);
     Ok(outcome)
 }
 

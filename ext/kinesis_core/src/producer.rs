@@ -40,6 +40,8 @@ pub struct Counters {
     pub delivered: u64,
     pub failed: u64,
     pub refused: u64,
+    /// User records whose JSON had invalid UTF-8 replaced with U+FFFD (`invalid_utf8 replace`).
+    pub scrubbed: u64,
     /// Kinesis records sent (aggregates and raw singles), first attempts only.
     pub kinesis_records: u64,
     pub aggregates: u64,
@@ -69,6 +71,7 @@ impl Counters {
             delivered,
             failed,
             refused,
+            scrubbed,
             kinesis_records,
             aggregates,
             requests,
@@ -85,12 +88,13 @@ impl Counters {
     }
 
     /// Name/value pairs, for monitoring output.
-    pub fn pairs(&self) -> [(&'static str, u64); 16] {
+    pub fn pairs(&self) -> [(&'static str, u64); 17] {
         [
             ("user_records", self.user_records),
             ("delivered", self.delivered),
             ("failed", self.failed),
             ("refused", self.refused),
+            ("scrubbed", self.scrubbed),
             ("kinesis_records", self.kinesis_records),
             ("aggregates", self.aggregates),
             ("requests", self.requests),

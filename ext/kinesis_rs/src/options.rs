@@ -206,6 +206,7 @@ pub fn producer_config(ruby: &Ruby, hash: RHash) -> Result<ProducerConfig, Error
 /// The formatting spec from the plugin's options. Raises NeedsRubyFormattingError when the
 /// configuration (not a record) is beyond the fast path, so the plugin formats in Ruby.
 pub fn format_spec(ruby: &Ruby, hash: RHash) -> Result<FormatSpec, Error> {
+    use kinesis_core::chunk::InvalidUtf8;
     let o = Opts::new(ruby, hash, "format");
     let needs_ruby = |why: String| Error::new(error_class(ruby, "NeedsRubyFormattingError"), why);
     let add_newline = o.get::<bool>("add_newline")?.unwrap_or(true);
@@ -285,6 +286,16 @@ pub fn format_spec(ruby: &Ruby, hash: RHash) -> Result<FormatSpec, Error> {
         i.get::<Value>("time_type")?;
         i.finish()?;
     }
+    let invalid_utf8 = match o.get::<String>("invalid_utf8")?.as_deref() {
+        None | Some("replace") => InvalidUtf8::Replace,
+        Some("error") => InvalidUtf8::Refuse,
+        Some(other) => {
+            return Err(config_error(
+                ruby,
+                format!("invalid_utf8 {other:?}: use replace or error"),
+            ))
+        }
+    };
     let spec = FormatSpec {
         format,
         data_key,
@@ -296,6 +307,7 @@ pub fn format_spec(ruby: &Ruby, hash: RHash) -> Result<FormatSpec, Error> {
         max_data_bytes: o
             .get("max_record_size")?
             .unwrap_or(kinesis_core::kpl::DEFAULT_MAX_RECORD_BYTES),
+        invalid_utf8,
     };
     o.finish()?;
     Ok(spec)

@@ -28,7 +28,7 @@ module Fluent
       PUT_RECORDS_MAX_ENTRIES = 500
       PUT_RECORDS_MAX_BYTES = 5 * 1024 * 1024
       # The Kinesis counters shown in monitor_agent, in the order the extension reports them.
-      COUNTERS = %w[user_records delivered failed refused kinesis_records aggregates requests
+      COUNTERS = %w[user_records delivered failed refused scrubbed kinesis_records aggregates requests
                     request_errors retried_entries throttled_entries bytes_delivered
                     put_payload_units wrong_shard resent_user_records shard_map_refreshes
                     rate_limited_ms].freeze
@@ -176,6 +176,9 @@ module Fluent
       desc "With a file buffer, keep each chunk's delivery progress beside it, so a restart after a crash " \
            "resends only what was in flight."
       config_param :persist_progress, :bool, default: true
+      desc "Strings that are not valid UTF-8 in JSON output: replace each invalid sequence with U+FFFD " \
+           "(as String#scrub does; counted as kinesis_scrubbed), or error: send the record to the error stream."
+      config_param :invalid_utf8, :enum, list: %i[replace error], default: :replace
 
       # Suffix of the files keeping a chunk's delivery progress, beside the chunk.
       PROGRESS_SUFFIX = ".kinesis-progress"
@@ -225,6 +228,10 @@ module Fluent
         if @producer
           @drain_deadline = Fluent::Clock.now + @shutdown_timeout
           @producer.begin_drain(@shutdown_timeout)
+          if @buffer
+            what = @flush_at_shutdown ? "in flight and buffered (#{@buffer.stage.size + @buffer.queue.size} chunks)" : "in flight"
+            log.info "stopping: delivering the records #{what} to Kinesis, for up to #{@shutdown_timeout}s (shutdown_timeout)"
+          end
           start_drain_reporter
         end
         super
@@ -263,8 +270,11 @@ module Fluent
           # An earlier write of this chunk stopped waiting while requests were in flight: what
           # they delivered is known only once they finish.
           log.info "chunk #{chunk_id}: collecting the outcome of its interrupted delivery first"
-          outcome = collect(chunk, chunk_id, tag, earlier)
-          previously = merge_bits(previously, handled_bits(outcome))
+          begin
+            previously = merge_bits(previously, handled_bits(collect(chunk, chunk_id, tag, earlier)))
+          rescue FluentPluginKinesisRs::NeedsRubyFormattingError
+            nil # it sent nothing
+          end
         end
         result = deliver(chunk, chunk_id, stream, tag, previously, progress)
         failures = result["failures"]
@@ -366,6 +376,7 @@ module Fluent
           "partition_key" => @partition_key,
           "explicit_hash_key" => @explicit_hash_key,
           "max_record_size" => @max_record_size,
+          "invalid_utf8" => @invalid_utf8.to_s,
         }
         if @formatter.respond_to?(:add_newline) || @formatter.instance_variable_defined?(:@add_newline)
           opts["add_newline"] = @formatter.instance_variable_get(:@add_newline)
@@ -474,9 +485,11 @@ module Fluent
             log.debug { "chunk #{chunk_id} formatted by fluentd: #{e.message}" }
           end
         end
-        records, event_count, refused = format_in_ruby(chunk, tag, previously)
+        records, event_count, refused, scrubbed = format_in_ruby(chunk, tag, previously)
         delivery = @producer.start_records(stream, records, event_count, previously, progress, uid)
-        collect(chunk, chunk_id, tag, delivery, refused)
+        result = collect(chunk, chunk_id, tag, delivery, refused)
+        @counter_metrics["scrubbed"].add(scrubbed) if scrubbed.positive?
+        result
       end
 
       # Waits for a delivery and accounts for it (counters, error stream). If the wait is
@@ -493,7 +506,9 @@ module Fluent
           log.warn "chunk #{chunk_id}: cannot keep its delivery progress on disk (a crash now would resend the whole chunk)", error: err
         end
         result
-      rescue FluentPluginKinesisRs::NeedsRubyFormattingError, FluentPluginKinesisRs::CorruptChunkError
+      rescue FluentPluginKinesisRs::Error
+        # The delivery itself failed (it cannot be collected again). Any other exception is an
+        # interrupt of the wait (Thread#raise, Timeout): the delivery stays registered.
         @delivered_lock.synchronize { @inflight.delete(chunk_id) if @inflight[chunk_id].equal?(delivery) }
         raise
       end
@@ -502,21 +517,23 @@ module Fluent
       def format_in_ruby(chunk, tag, previously)
         records = []
         refused = []
+        scrubbed = [0]
         index = -1
         chunk.each do |time, record|
           index += 1
           next if previously && delivered_bit?(previously, index)
 
           begin
-            records << [index, format_record(tag, time, record), *record_keys(record)]
+            records << [index, format_record(tag, time, record, scrubbed), *record_keys(record)]
           rescue RecordRefusedError => e
             refused << [index, e.message]
           end
         end
-        [records, index + 1, refused]
+        [records, index + 1, refused, scrubbed[0]]
       end
 
-      def format_record(tag, time, record)
+      # `scrubbed`: a one-element Array counting records whose invalid UTF-8 was replaced.
+      def format_record(tag, time, record, scrubbed)
         raise RecordRefusedError, "Invalid type of record (not a hash)" unless record.is_a?(Hash)
 
         data = if @data_key
@@ -525,7 +542,7 @@ module Fluent
 
                  value.to_s.b
                else
-                 text = @formatter.format(tag, time, inject_values_to_record(tag, time, record))
+                 text = format_json_safely(tag, time, inject_values_to_record(tag, time, record), scrubbed)
                  (@chomp_record ? text.chomp : text).b
                end
         case @compression
@@ -533,6 +550,20 @@ module Fluent
         when :gzip then Zlib.gzip(data)
         else data
         end
+      end
+
+      # fluentd's JSON formatters write invalid UTF-8 bytes through, which a consumer's JSON
+      # parser rejects: scrub (or refuse) such records, as the Rust formatter does.
+      def format_json_safely(tag, time, record, scrubbed)
+        text = @formatter.format(tag, time, record)
+        return text unless @formatter.is_a?(Fluent::Plugin::JSONFormatter)
+        return text if utf8?(text)
+
+        raise RecordRefusedError, FluentPluginKinesisRs::Scrub.refusal(record) if @invalid_utf8 == :error
+
+        record, changed = FluentPluginKinesisRs::Scrub.record(record)
+        scrubbed[0] += 1 if changed
+        @formatter.format(tag, time, record)
       end
 
       def record_keys(record)
@@ -543,6 +574,7 @@ module Fluent
 
         key = key.to_s
         raise RecordRefusedError, "partition_key field '#{@partition_key}' is empty" if key.empty?
+        raise RecordRefusedError, "partition_key field '#{@partition_key}' is not valid UTF-8" unless utf8?(key)
 
         ehk = nil
         if @explicit_hash_key
@@ -550,8 +582,13 @@ module Fluent
           raise RecordRefusedError, "explicit_hash_key field '#{@explicit_hash_key}' is missing or null" if ehk.nil?
 
           ehk = ehk.to_s
+          raise RecordRefusedError, "explicit_hash_key field '#{@explicit_hash_key}' is not valid UTF-8" unless utf8?(ehk)
         end
         [key, ehk]
+      end
+
+      def utf8?(text)
+        (text.encoding == Encoding::UTF_8 ? text : text.dup.force_encoding(Encoding::UTF_8)).valid_encoding?
       end
 
       def delivered_bit?(bits, index)
