@@ -82,7 +82,12 @@ class FaultProxy
 
   # What the proxy saw and did: requests per operation, faults_injected, entries_throttled
   # (entries_over_shard_limit included), entries_over_shard_limit, entries_internal_failure,
-  # entries_forwarded, pending (queued faults not applied yet).
+  # entries_forwarded, user_records_forwarded (user records, those of a KPL aggregate or 1 per
+  # other entry, in the entries Kinesis accepted), pending (queued faults not applied yet), and
+  # the gauges in_flight_put_entries and in_flight_user_records: the PutRecords entries, and the
+  # user records in them, of the calls received and not answered yet (delayed ones and those
+  # waiting for Kinesis included; a call counts until the proxy is done with it, even if the
+  # client gave up).
   def stats
     command("stats")
   end
@@ -97,6 +102,12 @@ class FaultProxy
     nil
   ensure
     @pid = nil
+  end
+
+  # Sends one command line as the program reads it ("shard_limit 1048576 1000",
+  # "sometimes 0.02 status 500", "always partial_internal_failure 0.05", ...).
+  def command_line(line)
+    command(line)
   end
 
   private

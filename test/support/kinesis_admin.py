@@ -8,7 +8,10 @@
 does) and applies the KCL's shard-range check to each aggregate: an aggregate whose user records
 do not all hash into the range of the shard it was read from is what a KCL consumer drops.
 Output: {"records": [{"shard", "data" (base64), "partition_key", "explicit_hash_key",
-"aggregated", "kcl_ok"}...], "kinesis_records": N, "kcl_dropped_aggregates": N}
+"aggregated", "kcl_ok", "sequence_number", "arrival", "sub_sequence"}...], "kinesis_records": N,
+"kcl_dropped_aggregates": N}. sequence_number (a string) and arrival (ApproximateArrivalTimestamp,
+float seconds since the epoch) are the Kinesis record's, shared by the user records of an
+aggregate; sub_sequence is the user record's index in its aggregate (0 when not aggregated).
 """
 import base64
 import hashlib
@@ -72,14 +75,18 @@ def read(endpoint, stream):
                     start <= hash_key(u["kinesis"]["partitionKey"], u["kinesis"].get("explicitHashKey")) <= end for u in users)
                 if not ok:
                     dropped += 1
-                for u in users:
+                sequence_number = r["SequenceNumber"]
+                arrival = r["ApproximateArrivalTimestamp"].timestamp()
+                for sub_sequence, u in enumerate(users):
                     k = u["kinesis"]
                     # The library base64-encodes deaggregated user records (Lambda's shape) but hands
                     # back Boto3-format records it did not deaggregate as they were.
                     data = base64.b64decode(k["data"]) if aggregated else k["data"]
                     out.append({"shard": shard["ShardId"], "data": base64.b64encode(data).decode(),
                                 "partition_key": k.get("partitionKey"), "explicit_hash_key": k.get("explicitHashKey"),
-                                "aggregated": aggregated, "kcl_ok": ok})
+                                "aggregated": aggregated, "kcl_ok": ok,
+                                "sequence_number": sequence_number, "arrival": arrival,
+                                "sub_sequence": sub_sequence if aggregated else 0})
             it = resp.get("NextShardIterator")
     json.dump({"records": out, "kinesis_records": kinesis_records, "kcl_dropped_aggregates": dropped}, sys.stdout)
 

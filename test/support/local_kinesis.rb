@@ -52,8 +52,11 @@ class LocalKinesis
     name
   end
 
-  # {"records" => [{"data" => bytes, "partition_key", "shard", "aggregated", "kcl_ok"}...],
+  # {"records" => [{"data" => bytes, "partition_key", "explicit_hash_key", "shard", "aggregated",
+  #                  "kcl_ok", "sequence_number", "arrival", "sub_sequence"}...],
   #  "kinesis_records" => n, "kcl_dropped_aggregates" => n}
+  # sequence_number (String) and arrival (Float, epoch seconds) are the Kinesis record's, shared by
+  # the user records of an aggregate; sub_sequence is the index in the aggregate (0 if none).
   def read(name)
     out = JSON.parse(admin("read", name))
     out["records"].each { |r| r["data"] = Base64.strict_decode64(r["data"]) }

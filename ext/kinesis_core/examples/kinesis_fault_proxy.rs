@@ -19,13 +19,19 @@
 //!                   (counters stay)
 //! stats             {"requests":{"PutRecords":n,...},"faults_injected":n,"entries_throttled":n,
 //!                    "entries_over_shard_limit":n,"entries_internal_failure":n,
-//!                    "entries_forwarded":n,"pending":n}
+//!                    "entries_forwarded":n,"user_records_forwarded":n,
+//!                    "in_flight_put_entries":n,"in_flight_user_records":n,"pending":n}
 //! ```
 //!
 //! FAULT is `status 500`, `throttle_request`, `partial_throttle 0.5`,
 //! `partial_internal_failure 0.5` (fractions of the entries), `reset` or `delay_ms 1500`.
-//! entries_throttled counts the entries over the shard limit as well. The shard limit is
-//! explained in tests/support/fault_proxy.rs (`ProxyHandle::shard_limit`).
+//! entries_throttled counts the entries over the shard limit as well. user_records_forwarded
+//! counts the user records (those of a KPL aggregate, else 1 per entry) of the entries kinesalite
+//! accepted. in_flight_put_entries and in_flight_user_records are gauges: the PutRecords entries,
+//! and the user records in them, of the requests received and not answered yet (delayed ones and
+//! those waiting for kinesalite included; a request counts until the proxy is done with it, even
+//! if its client gave up). The shard limit is explained in tests/support/fault_proxy.rs
+//! (`ProxyHandle::shard_limit`).
 //! The proxy exits when stdin closes.
 //!
 //! `cargo run -p kinesis_core --example kinesis_fault_proxy -- http://127.0.0.1:4567`
@@ -72,6 +78,9 @@ fn stats(proxy: &ProxyHandle) -> Value {
         "entries_over_shard_limit": s.entries_over_shard_limit,
         "entries_internal_failure": s.entries_internal_failure,
         "entries_forwarded": s.entries_forwarded,
+        "user_records_forwarded": s.user_records_forwarded,
+        "in_flight_put_entries": s.in_flight_put_entries,
+        "in_flight_user_records": s.in_flight_user_records,
         "pending": proxy.pending(),
     })
 }

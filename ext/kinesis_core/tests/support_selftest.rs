@@ -12,6 +12,7 @@ use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput}
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
+use kinesis_core::kpl::{AggregateBuilder, AGGREGATE_PARTITION_KEY, DEFAULT_MAX_RECORD_BYTES};
 
 use support::*;
 
@@ -455,6 +456,96 @@ async fn delay_trips_the_client_timeout_but_the_records_still_land() {
     put(&s.through_proxy, &s.stream, entries("on-time", 4))
         .await
         .unwrap();
+}
+
+/// Entries "{tag}-0" and "{tag}-2" with one KPL aggregate of four user records between them.
+fn entries_with_aggregate(tag: &str) -> Vec<PutRecordsRequestEntry> {
+    let mut builder =
+        AggregateBuilder::new(DEFAULT_MAX_RECORD_BYTES, AGGREGATE_PARTITION_KEY.len());
+    for u in 0..4 {
+        assert!(builder.try_add(
+            &format!("user-{u}"),
+            None,
+            format!("{tag}-1.{u}").as_bytes()
+        ));
+    }
+    let aggregate = PutRecordsRequestEntry::builder()
+        .data(Blob::new(builder.finish()))
+        .partition_key(AGGREGATE_PARTITION_KEY)
+        .build()
+        .unwrap();
+    let mut batch = entries(tag, 3);
+    batch[1] = aggregate;
+    batch
+}
+
+#[tokio::test]
+async fn stats_gauge_the_entries_and_user_records_in_flight() {
+    let s = setup(None).await;
+    s.proxy.push(Fault::Delay(Duration::from_millis(1500)));
+    let started = Instant::now();
+    let call = tokio::spawn({
+        let client = s.through_proxy.clone();
+        let stream = s.stream.clone();
+        async move { put(&client, &stream, entries_with_aggregate("agg")).await }
+    });
+    let in_flight = loop {
+        let stats = s.proxy.stats();
+        if stats.in_flight_put_entries > 0 || started.elapsed() > Duration::from_millis(1000) {
+            break stats;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(
+        started.elapsed() < Duration::from_millis(1400),
+        "not seen while delayed"
+    );
+    assert_eq!(
+        (
+            in_flight.in_flight_put_entries,
+            in_flight.in_flight_user_records,
+            in_flight.user_records_forwarded
+        ),
+        (3, 6, 0)
+    );
+    // Still there (the delay is not over), and resetting the counters leaves the gauges.
+    s.proxy.reset_stats();
+    let stats = s.proxy.stats();
+    assert_eq!(
+        (stats.in_flight_put_entries, stats.in_flight_user_records),
+        (3, 6)
+    );
+
+    let out = call.await.unwrap().unwrap();
+    assert_eq!(out.failed_record_count(), Some(0));
+    let stats = s.proxy.stats();
+    assert_eq!(
+        (
+            stats.in_flight_put_entries,
+            stats.in_flight_user_records,
+            stats.entries_forwarded,
+            stats.user_records_forwarded
+        ),
+        (0, 0, 3, 6)
+    );
+
+    // Entries that fail count no user records forwarded: here the aggregate.
+    s.proxy
+        .push(Fault::PartialThrottle(Entries::Indices(vec![1])));
+    let out = put(&s.through_proxy, &s.stream, entries_with_aggregate("again"))
+        .await
+        .unwrap();
+    assert_eq!(out.failed_record_count(), Some(1));
+    let stats = s.proxy.stats();
+    assert_eq!(
+        (
+            stats.in_flight_put_entries,
+            stats.in_flight_user_records,
+            stats.entries_forwarded,
+            stats.user_records_forwarded
+        ),
+        (0, 0, 5, 8)
+    );
 }
 
 #[tokio::test]

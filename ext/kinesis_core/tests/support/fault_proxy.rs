@@ -7,6 +7,9 @@
 //! hits, else the standing fault (`always`), if any; both last until `clear`. Requests without a
 //! fault are forwarded untouched, except that a shard limit ([`ProxyHandle::shard_limit`]) fails
 //! the PutRecords entries over their shard's write rate, as real Kinesis does under load.
+//!
+//! The stats count user records as well as entries: an entry whose data is a KPL aggregate holds
+//! the user records [`kinesis_core::kpl::deaggregate`] finds in it, any other entry one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
@@ -15,6 +18,7 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{
@@ -22,6 +26,7 @@ use hyper::header::{
 };
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use kinesis_core::kpl::{deaggregate, Deaggregated};
 use md5::{Digest, Md5};
 use rand::Rng;
 use serde_json::{json, Value};
@@ -36,6 +41,9 @@ const AMZ_JSON: &str = "application/x-amz-json-1.1";
 /// How long the shard limit trusts its list of a stream's open shards: long enough not to list
 /// them for every request, short enough that a test sees a reshard take effect.
 const SHARD_LIST_TTL: Duration = Duration::from_secs(1);
+/// How the base64 of data starting with the KPL magic (F3 89 9A C2) starts: only entries whose
+/// Data starts so are decoded to count their user records.
+const MAGIC_BASE64: &str = "84ma";
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fault {
@@ -95,6 +103,16 @@ pub struct ProxyStats {
     pub entries_internal_failure: u64,
     /// PutRecords entries sent on to kinesalite.
     pub entries_forwarded: u64,
+    /// User records in the PutRecords entries sent on to kinesalite and accepted there (answered
+    /// without ErrorCode).
+    pub user_records_forwarded: u64,
+    /// Gauge: PutRecords entries of the requests received and not answered yet, delayed ones and
+    /// those waiting for kinesalite included. A request counts until the proxy is done with it,
+    /// also when its client gave up (a delayed request is still forwarded). `reset_stats` leaves
+    /// the gauges alone.
+    pub in_flight_put_entries: u64,
+    /// Gauge: the user records in `in_flight_put_entries`.
+    pub in_flight_user_records: u64,
 }
 
 impl ProxyStats {
@@ -166,7 +184,11 @@ impl ShardBuckets {
     fn take(&mut self, bytes: u64, now: Instant) -> bool {
         self.bytes.refill(now);
         self.records.refill(now);
-        let fits = self.bytes.tokens >= bytes as f64 && self.records.tokens >= 1.0;
+        // A record larger than a second's worth (a 1 MiB aggregate on a shard limited below
+        // 1 MiB/s) fits a full bucket and leaves it in debt, so it is admitted at the limit's
+        // average rate instead of never.
+        let need = (bytes as f64).min(self.bytes.rate);
+        let fits = self.bytes.tokens >= need && self.records.tokens >= 1.0;
         if fits {
             self.bytes.tokens -= bytes as f64;
             self.records.tokens -= 1.0;
@@ -175,7 +197,8 @@ impl ShardBuckets {
     }
 }
 
-/// A token bucket earning `rate` tokens a second, continuously, and holding at most `rate`.
+/// A token bucket earning `rate` tokens a second, continuously, and holding at most `rate`
+/// (it may go below zero: see [`ShardBuckets::take`]).
 struct Bucket {
     tokens: f64,
     rate: f64,
@@ -311,8 +334,14 @@ impl ProxyHandle {
         self.0.stats.lock().unwrap().clone()
     }
 
+    /// Zeroes the counters; the in-flight gauges stay.
     pub fn reset_stats(&self) {
-        *self.0.stats.lock().unwrap() = ProxyStats::default();
+        let mut stats = self.0.stats.lock().unwrap();
+        *stats = ProxyStats {
+            in_flight_put_entries: stats.in_flight_put_entries,
+            in_flight_user_records: stats.in_flight_user_records,
+            ..ProxyStats::default()
+        };
     }
 
     /// Waits until no request is being handled, including forwards whose client gave up
@@ -419,6 +448,75 @@ impl Drop for InFlight {
     }
 }
 
+/// Counts a PutRecords request's entries and user records in the in-flight gauges until the
+/// proxy is done with it.
+struct PutInFlight {
+    state: Arc<State>,
+    entries: u64,
+    user_records: u64,
+}
+
+impl PutInFlight {
+    fn start(state: &Arc<State>, put: &PutBody) -> PutInFlight {
+        let (entries, user_records) = (put.users.len() as u64, put.users.iter().sum());
+        state.count(|s| {
+            s.in_flight_put_entries += entries;
+            s.in_flight_user_records += user_records;
+        });
+        PutInFlight {
+            state: state.clone(),
+            entries,
+            user_records,
+        }
+    }
+}
+
+impl Drop for PutInFlight {
+    fn drop(&mut self) {
+        let (entries, user_records) = (self.entries, self.user_records);
+        self.state.count(|s| {
+            s.in_flight_put_entries -= entries;
+            s.in_flight_user_records -= user_records;
+        });
+    }
+}
+
+/// A PutRecords request body, parsed once: an object with a Records array, and the number of
+/// user records in each entry.
+struct PutBody {
+    body: Value,
+    users: Vec<u64>,
+}
+
+impl PutBody {
+    /// None if the body is not a PutRecords request (kinesalite rejects it).
+    fn parse(bytes: &[u8]) -> Option<PutBody> {
+        let body: Value = serde_json::from_slice(bytes).ok()?;
+        let users = body
+            .get("Records")?
+            .as_array()?
+            .iter()
+            .map(user_records)
+            .collect();
+        Some(PutBody { body, users })
+    }
+}
+
+/// The user records in a PutRecords entry: those of a KPL aggregate, else 1.
+fn user_records(entry: &Value) -> u64 {
+    let data = entry["Data"].as_str().unwrap_or_default();
+    if !data.starts_with(MAGIC_BASE64) {
+        return 1;
+    }
+    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(data) else {
+        return 1;
+    };
+    match deaggregate(&bytes) {
+        Deaggregated::Aggregate(records) => records.len() as u64,
+        Deaggregated::PassThrough => 1,
+    }
+}
+
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> io::Result<Response<Full<Bytes>>> {
     let in_flight = InFlight::start(&state);
     let (parts, body) = req.into_parts();
@@ -429,11 +527,23 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> io::Result<Respons
         .and_then(|v| v.to_str().ok())
         .map(|t| t.rsplit('.').next().unwrap_or(t).to_string())
         .unwrap_or_default();
+    let put = match operation == PUT_RECORDS {
+        true => PutBody::parse(&body),
+        false => None,
+    };
+    let put_in_flight = put.as_ref().map(|p| PutInFlight::start(&state, p));
     let fault = state.next_fault(&operation);
     // A task of its own, so a client that hangs up (a timeout) does not cancel a forward.
     let work = tokio::spawn(async move {
-        let _in_flight = in_flight;
-        respond(&state, &operation, fault, Request::from_parts(parts, body)).await
+        let _in_flight = (in_flight, put_in_flight);
+        respond(
+            &state,
+            &operation,
+            fault,
+            Request::from_parts(parts, body),
+            put,
+        )
+        .await
     });
     let response = work.await.map_err(io::Error::other)??;
     Ok(response.map(Full::new))
@@ -520,6 +630,7 @@ async fn respond(
     operation: &str,
     fault: Option<Fault>,
     req: Request<Bytes>,
+    put: Option<PutBody>,
 ) -> io::Result<Response<Bytes>> {
     // Partial faults only make sense for PutRecords; anything else passes through.
     let fault = match fault {
@@ -534,7 +645,7 @@ async fn respond(
         state.count(|s| s.faults_injected += 1);
     }
     match fault {
-        None => Ok(pass_on(state, operation, req).await),
+        None => Ok(pass_on(state, operation, req, put).await),
         Some(Fault::Status(code)) => {
             let kind = if code == 503 {
                 "ServiceUnavailable"
@@ -560,10 +671,10 @@ async fn respond(
             ))
         }
         Some(Fault::PartialThrottle(entries)) => {
-            Ok(put_records(state, req, Some((entries, FailureKind::Throttle))).await)
+            Ok(put_records(state, req, put, Some((entries, FailureKind::Throttle))).await)
         }
         Some(Fault::PartialInternalFailure(entries)) => {
-            Ok(put_records(state, req, Some((entries, FailureKind::Internal))).await)
+            Ok(put_records(state, req, put, Some((entries, FailureKind::Internal))).await)
         }
         Some(Fault::Reset) => Err(io::Error::new(
             io::ErrorKind::ConnectionReset,
@@ -571,16 +682,21 @@ async fn respond(
         )),
         Some(Fault::Delay(delay)) => {
             tokio::time::sleep(delay).await;
-            Ok(pass_on(state, operation, req).await)
+            Ok(pass_on(state, operation, req, put).await)
         }
     }
 }
 
 /// Forwards a request no whole-call fault stopped: PutRecords subject to the shard limit,
 /// anything else untouched.
-async fn pass_on(state: &State, operation: &str, req: Request<Bytes>) -> Response<Bytes> {
+async fn pass_on(
+    state: &State,
+    operation: &str,
+    req: Request<Bytes>,
+    put: Option<PutBody>,
+) -> Response<Bytes> {
     if operation == PUT_RECORDS {
-        put_records(state, req, None).await
+        put_records(state, req, put, None).await
     } else {
         forward_counted(state, req, 0).await
     }
@@ -594,15 +710,15 @@ enum FailureKind {
 
 /// Fails the PutRecords entries a partial fault picks, then those over the shard limit, forwards
 /// the rest, and splices the failures back into kinesalite's answer at their original positions.
-/// A request with no entry to fail is forwarded untouched.
+/// A request with no entry to fail is forwarded untouched. `put` is the request's body, parsed.
 async fn put_records(
     state: &State,
     req: Request<Bytes>,
+    put: Option<PutBody>,
     partial: Option<(Entries, FailureKind)>,
 ) -> Response<Bytes> {
-    let mut body: Value = match serde_json::from_slice(req.body()) {
-        Ok(body @ Value::Object(_)) if body["Records"].is_array() => body,
-        _ => return forward_counted(state, req, 0).await, // let kinesalite reject it
+    let Some(PutBody { mut body, users }) = put else {
+        return forward_counted(state, req, 0).await; // let kinesalite reject it
     };
     let records = std::mem::take(body["Records"].as_array_mut().expect("checked above"));
     let total = records.len();
@@ -640,15 +756,18 @@ async fn put_records(
             .map(|(i, shard)| (i, throttled_entry(&stream, Some(&shard)))),
     );
     if failures.is_empty() {
-        return forward_counted(state, req, total).await;
+        let upstream = forward_counted(state, req, total).await;
+        count_accepted(state, &users, &upstream);
+        return upstream;
     }
 
-    let kept: Vec<Value> = records
+    let (kept, kept_users): (Vec<Value>, Vec<u64>) = records
         .into_iter()
+        .zip(users)
         .enumerate()
         .filter(|(i, _)| !failures.contains_key(i))
-        .map(|(_, r)| r)
-        .collect();
+        .map(|(_, kept)| kept)
+        .unzip();
     // With nothing left to send, answer as Kinesis would: 200, every entry failed.
     let (mut head, mut answer, landed) = if kept.is_empty() {
         (Response::new(()).into_parts().0, json!({}), Vec::new())
@@ -681,6 +800,12 @@ async fn put_records(
         (head, answer, landed)
     };
 
+    let accepted: u64 = landed
+        .iter()
+        .zip(&kept_users)
+        .filter(|(answer, _)| accepted_entry(answer))
+        .map(|(_, users)| users)
+        .sum();
     let mut landed = landed.into_iter();
     let spliced: Vec<Value> = (0..total)
         .map(|i| {
@@ -700,6 +825,7 @@ async fn put_records(
         s.entries_throttled += (throttled + over_limit_count) as u64;
         s.entries_over_shard_limit += over_limit_count as u64;
         s.entries_internal_failure += internal as u64;
+        s.user_records_forwarded += accepted;
     });
 
     let body = Bytes::from(answer.to_string());
@@ -709,6 +835,41 @@ async fn put_records(
     head.headers
         .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     Response::from_parts(head, body)
+}
+
+/// Counts the user records of the entries kinesalite accepted in its answer to a PutRecords
+/// request forwarded untouched; `users` has the user records of each entry.
+fn count_accepted(state: &State, users: &[u64], upstream: &Response<Bytes>) {
+    if upstream.status() != StatusCode::OK {
+        return;
+    }
+    const ERROR_CODE: &[u8] = b"\"ErrorCode\"";
+    let body = upstream.body();
+    // Answers without a failed entry (nearly all) are not parsed.
+    let accepted: u64 = if !body.windows(ERROR_CODE.len()).any(|w| w == ERROR_CODE) {
+        users.iter().sum()
+    } else {
+        let answer: Value = serde_json::from_slice(body).unwrap_or_default();
+        let answers = answer["Records"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if answers.len() != users.len() {
+            return;
+        }
+        answers
+            .iter()
+            .zip(users)
+            .filter(|(answer, _)| accepted_entry(answer))
+            .map(|(_, users)| users)
+            .sum()
+    };
+    state.count(|s| s.user_records_forwarded += accepted);
+}
+
+/// Whether a PutRecords answer entry is a success (has no ErrorCode).
+fn accepted_entry(answer: &Value) -> bool {
+    matches!(answer.get("ErrorCode"), None | Some(Value::Null))
 }
 
 /// A PutRecords answer entry for an entry that was throttled.
