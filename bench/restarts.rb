@@ -16,9 +16,12 @@ require_relative "../test/support/multi_worker_scenario"
 
 LINES = Integer(ENV.fetch("LINES", "50000"))
 WORKER_LINES = Integer(ENV.fetch("WORKER_LINES", "200000"))
-ROWS = ENV.fetch("ROWS", "term-memory,term-file,term-throttled,int-faults,kill,workers").split(",")
+ROWS = ENV.fetch("ROWS", "term-memory,term-file,term-throttled,int-faults,kill,reshard,workers").split(",")
 
 THROTTLED = ["shard_limit 262144 1000"].freeze
+# PutRecords calls that take 1.5 s (a slow network, or a throttled stream's retries): the stops
+# land while a chunk's delivery is under way.
+SLOW_CALLS = "always delay_ms 1500"
 FAULTY = ["shard_limit 1048576 1000", "sometimes 0.02 status 500", "always partial_internal_failure 0.05"].freeze
 
 def row(name, description)
@@ -41,7 +44,8 @@ def restart_row(name, description, lines: LINES, **options)
       r = s.finish
       stops = r.stops.map { |st| "#{st[:signal]} #{st[:seconds]}s#{st[:escalated] ? " (escalated)" : ""}" }.join(", ")
       kills = r.kills.map { |k| "#{k[:duplicates]} dup / #{k[:in_flight_user_records]} in flight" }.join("; ")
-      "#{r.received}/#{r.written} received, #{r.lost} lost, #{r.duplicates} duplicates, KCL-dropped #{r.kcl_dropped}; " \
+      "#{r.received}/#{r.written} received, #{r.lost} lost, #{r.duplicates} duplicates " \
+        "(as the KCL sees it: #{r.kcl_lost} lost, #{r.kcl_duplicates} duplicates, #{r.kcl_dropped} aggregates dropped); " \
         "stops: #{stops}#{kills.empty? ? "" : "; per kill: #{kills}"}"
     ensure
       s.cleanup
@@ -53,19 +57,24 @@ KINESIS = LocalKinesis.new
 at_exit { KINESIS.stop }
 puts "restarts under load: #{LINES} Apache lines, partition_key host, 4 shards (real fluentd #{`git -C #{__dir__} rev-parse --short HEAD`.strip})"
 
-restart_row("term-memory", "SIGTERM mid-stream, memory buffer") { |s| s.signal_mid_stream(:TERM) }
-restart_row("term-file", "SIGTERM mid-stream, file buffer, then restart", buffer: { type: "file" }) { |s| s.signal_mid_stream(:TERM) }
+restart_row("term-memory", "SIGTERM mid-stream, memory buffer, 1.5 s calls", faults: [SLOW_CALLS]) { |s| s.signal_mid_stream(:TERM) }
+restart_row("term-file", "SIGTERM mid-stream, file buffer, 1.5 s calls, then restart", buffer: { type: "file" },
+                                                                                   faults: [SLOW_CALLS]) { |s| s.signal_mid_stream(:TERM) }
 restart_row("term-throttled", "SIGTERM mid-stream, memory buffer, shards at 256 KiB/s", faults: THROTTLED) { |s| s.signal_mid_stream(:TERM) }
 restart_row("int-faults", "SIGINT 1.5 s after the last read, 1 MiB/s shards, 5 % entry failures, 2 % 500",
             lines: Integer(ENV.fetch("INT_LINES", "60000")), faults: FAULTY) { |s| s.signal_after_last_read(:INT) }
-restart_row("kill", "3 x SIGKILL during delivery, file buffer, 256 KiB/s shards, 200 ms calls, 64k aggregates",
+restart_row("kill", "3 x SIGKILL during delivery, file buffer, 256 KiB/s shards, 1.5 s calls, 64k aggregates",
             buffer: { type: "file" }, plugin: ["partition_key host", "aggregation_max_size 64k"],
-            faults: THROTTLED + ["always delay_ms 200"]) do |s|
+            faults: THROTTLED + [SLOW_CALLS]) do |s|
   s.kill_during_delivery(times: 3)
 end
 
+restart_row("reshard", "a shard split mid-stream (no stop): duplicates a consumer without the KCL check sees") do |s|
+  s.split_mid_stream
+end
+
 row("workers", "#{WORKER_LINES} events, in_forward, 4 workers, SIGTERM mid-stream") do
-  s = MultiWorkerScenario.new(kinesis: KINESIS, lines: WORKER_LINES, workers: 4, name: "w4-term")
+  s = MultiWorkerScenario.new(kinesis: KINESIS, lines: WORKER_LINES, workers: 4, name: "w4-term", faults: [SLOW_CALLS])
   begin
     r = s.run(sigterm_at: 0.5)
     "#{r.received}/#{r.written} received, #{r.lost} lost, #{r.duplicates} duplicates, KCL-dropped #{r.kcl_dropped}; " \

@@ -15,7 +15,8 @@ class FluentdWorkersTest < Test::Unit::TestCase
   end
 
   test "4 workers behind in_forward: every event once, KCL-safe, through a SIGTERM mid-stream" do
-    @scenario = MultiWorkerScenario.new(kinesis: LocalKinesis.shared, lines: LINES, workers: 4)
+    # PutRecords calls take 1.5 s (a slow network): the SIGTERM lands while deliveries are under way.
+    @scenario = MultiWorkerScenario.new(kinesis: LocalKinesis.shared, lines: LINES, workers: 4, faults: ["always delay_ms 1500"])
     result = @scenario.run(sigterm_at: 0.5)
     log = @scenario.log_text
     assert_equal 0, result.lost, "lost; stops #{result.stops}\n#{log[-6000..]}"

@@ -3,6 +3,7 @@
 
   kinesis_admin.py create ENDPOINT STREAM SHARDS     create a stream and wait until it is ACTIVE
   kinesis_admin.py read ENDPOINT STREAM              every user record of every shard, as JSON
+  kinesis_admin.py split ENDPOINT STREAM             split the first open shard in two, wait until ACTIVE
 
 `read` deaggregates with the real consumer library (aws_kinesis_agg, as an AWS Lambda consumer
 does) and applies the KCL's shard-range check to each aggregate: an aggregate whose user records
@@ -91,6 +92,21 @@ def read(endpoint, stream):
     json.dump({"records": out, "kinesis_records": kinesis_records, "kcl_dropped_aggregates": dropped}, sys.stdout)
 
 
+def split(endpoint, stream):
+    c = client(endpoint)
+    shard = next(s for s in c.list_shards(StreamName=stream)["Shards"]
+                 if "EndingSequenceNumber" not in s["SequenceNumberRange"])
+    start = int(shard["HashKeyRange"]["StartingHashKey"])
+    end = int(shard["HashKeyRange"]["EndingHashKey"])
+    c.split_shard(StreamName=stream, ShardToSplit=shard["ShardId"], NewStartingHashKey=str((start + end) // 2 + 1))
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if c.describe_stream_summary(StreamName=stream)["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE":
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"stream {stream} did not become ACTIVE after the split")
+
+
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
-    {"create": create, "read": read}[cmd](*args)
+    {"create": create, "read": read, "split": split}[cmd](*args)

@@ -52,6 +52,11 @@ class LocalKinesis
     name
   end
 
+  # Splits the stream's first open shard in two (a reshard) and waits until it is ACTIVE again.
+  def split_shard(name)
+    admin("split", name)
+  end
+
   # {"records" => [{"data" => bytes, "partition_key", "explicit_hash_key", "shard", "aggregated",
   #                  "kcl_ok", "sequence_number", "arrival", "sub_sequence"}...],
   #  "kinesis_records" => n, "kcl_dropped_aggregates" => n}

@@ -4,6 +4,7 @@ require "etc"
 require "fileutils"
 require "tmpdir"
 require_relative "apache_log"
+require_relative "fault_proxy"
 require_relative "fluentd_process"
 require_relative "local_kinesis"
 
@@ -26,17 +27,20 @@ class MultiWorkerScenario
 
   attr_reader :aggregator, :forwarder, :stream
 
-  def initialize(kinesis:, lines:, workers:, shards: 4, name: "workers")
+  # faults: fault proxy commands (the aggregator sends through the proxy)
+  def initialize(kinesis:, lines:, workers:, shards: 4, faults: [], name: "workers")
     @kinesis = kinesis
     @lines = lines
     @dir = Dir.mktmpdir("kinesis-#{name}")
     @log = File.join(@dir, "access.log")
     File.write(@log, "")
     @stream = kinesis.create_stream(kinesis.unique_stream(name), shards)
+    @proxy = FaultProxy.new(kinesis.endpoint)
+    faults.each { |f| @proxy.command_line(f) }
     forward_port = FluentdProcess.free_port
     agg_dir = File.join(@dir, "aggregator")
     config = FluentdProcess.pipeline_config(
-      dir: agg_dir, stream: @stream, endpoint: kinesis.endpoint, tail: false, tag: "apache.access",
+      dir: agg_dir, stream: @stream, endpoint: @proxy.endpoint, tail: false, tag: "apache.access",
       plugin: ["partition_key host"], workers: workers, forward_port: forward_port,
       buffer: { type: "file", flush_thread_count: 2 }
     )
@@ -76,7 +80,8 @@ class MultiWorkerScenario
   end
 
   # Starts both, writes the log; with `sigterm_at` (a fraction of the lines), SIGTERM to the
-  # aggregator's supervisor once that much is written, then a restart.
+  # aggregator's supervisor once that much is written and a PutRecords call is in flight, then
+  # a restart.
   def run(sigterm_at: nil, timeout: 600)
     @aggregator.start.wait_until_running(120)
     @forwarder.start.wait_until_running(60)
@@ -87,6 +92,7 @@ class MultiWorkerScenario
     cpu = 0.0
     if sigterm_at
       sleep 0.2 until File.foreach(@log).count >= @lines * sigterm_at
+      sleep 0.02 until @proxy.stats["in_flight_user_records"].to_i.positive?
       cpu += group_cpu_seconds(@aggregator)
       stop = @aggregator.stop(timeout: 300)
       @stops << { signal: :TERM, seconds: stop.seconds.round(1), escalated: stop.escalated }
@@ -104,6 +110,7 @@ class MultiWorkerScenario
 
   def cleanup
     [@forwarder, @aggregator].each { |f| f.kill! if f&.alive? }
+    @proxy&.stop
     FileUtils.rm_rf(@dir) unless ENV["KEEP"]
   end
 

@@ -22,8 +22,10 @@ require_relative "local_kinesis"
 class RestartScenario
   # What a run came to. stops: [{signal:, seconds:, escalated:}], kills: [{in_flight_user_records:,
   # in_flight_put_entries:, duplicates:}] (duplicates resent after that kill).
+  # kcl_lost, kcl_duplicates: the same counts as a KCL consumer sees them (aggregates that fail
+  # its shard-range check dropped).
   Result = Struct.new(:written, :received, :lost, :duplicates, :stops, :kills, :kinesis_records, :kcl_dropped,
-                      keyword_init: true)
+                      :kcl_lost, :kcl_duplicates, keyword_init: true)
 
   attr_reader :fluentd, :proxy, :stream, :dir, :lines
 
@@ -66,12 +68,11 @@ class RestartScenario
     self
   end
 
-  # `sig` to the supervisor once about half the log is written and deliveries are under way;
-  # waits for the whole process group to exit (the stop's duration is recorded).
+  # `sig` to the supervisor once about half the log is written, at a moment a PutRecords call
+  # is in flight; waits for the whole process group to exit (the stop's duration is recorded).
   def signal_mid_stream(sig, fraction: 0.5)
-    wait_until(60, "half of the log written and a PutRecords call") do
-      written_lines >= @lines * fraction && put_records_calls.positive?
-    end
+    wait_until(60, "half of the log written") { written_lines >= @lines * fraction }
+    wait_until(60, "a PutRecords call in flight", interval: 0.02) { @proxy.stats["in_flight_user_records"].to_i.positive? }
     stop(sig)
   end
 
@@ -81,6 +82,15 @@ class RestartScenario
     wait_until(120, "fluentd reading the whole log") { read_offset >= File.size(@log) }
     sleep delay
     stop(sig)
+  end
+
+  # Splits a shard once about half the log is written and deliveries are under way: the shard
+  # map the plugin holds goes stale mid-stream.
+  def split_mid_stream(fraction: 0.5)
+    wait_until(60, "half of the log written and a PutRecords call") do
+      written_lines >= @lines * fraction && put_records_calls.positive?
+    end
+    @kinesis.split_shard(@stream)
   end
 
   # SIGKILL to the whole group (supervisor and worker) while PutRecords calls are in flight,
@@ -150,9 +160,12 @@ class RestartScenario
     numbers.each { |n| counts[n] += 1 }
     lost = (0...@lines).count { |i| counts[i].zero? }
     duplicates = counts.values.sum { |c| c - 1 }
+    kcl = Hash.new(0)
+    got["records"].each_with_index { |r, i| kcl[numbers[i]] += 1 if r["kcl_ok"] }
     attribute_duplicates(got["records"], numbers)
     Result.new(written: @lines, received: counts.size, lost: lost, duplicates: duplicates, stops: @stops,
-               kills: @kills, kinesis_records: got["kinesis_records"], kcl_dropped: got["kcl_dropped_aggregates"])
+               kills: @kills, kinesis_records: got["kinesis_records"], kcl_dropped: got["kcl_dropped_aggregates"],
+               kcl_lost: (0...@lines).count { |i| kcl[i].zero? }, kcl_duplicates: kcl.values.sum { |c| c - 1 })
   end
 
   # Each repeated copy of a line is blamed on the last kill before the copy arrived.

@@ -229,7 +229,12 @@ module Fluent
           @drain_deadline = Fluent::Clock.now + @shutdown_timeout
           @producer.begin_drain(@shutdown_timeout)
           if @buffer
-            what = @flush_at_shutdown ? "in flight and buffered (#{@buffer.stage.size + @buffer.queue.size} chunks)" : "in flight"
+            writing = @buffer.dequeued.size
+            what = if @flush_at_shutdown
+                     "of the #{writing} chunks being written and the #{@buffer.stage.size + @buffer.queue.size} buffered"
+                   else
+                     "of the #{writing} chunks being written (the file buffer keeps the rest)"
+                   end
             log.info "stopping: delivering the records #{what} to Kinesis, for up to #{@shutdown_timeout}s (shutdown_timeout)"
           end
           start_drain_reporter
@@ -685,7 +690,11 @@ module Fluent
       def drain_queue
         while @buffer.queued? && Fluent::Clock.now < @drain_deadline
           before = @buffer.queue.size
-          try_flush
+          begin
+            try_flush
+          rescue StandardError => e # re-raised by fluentd's test driver; the chunk is back in the queue
+            log.warn "delivery failed while shutting down; retrying within the shutdown budget", error: e
+          end
           sleep [1.0, @drain_deadline - Fluent::Clock.now].min.clamp(0, 1.0) if @buffer.queue.size >= before
         end
         return unless @buffer.queued?
@@ -707,7 +716,8 @@ module Fluent
             next if queued.zero? && dequeued.zero? && inflight.zero?
 
             left = [@drain_deadline - Fluent::Clock.now, 0].max.round
-            log.info "shutting down: waiting for Kinesis deliveries (#{dequeued} chunks being written, #{queued} queued); " \
+            log.info "shutting down: waiting for Kinesis deliveries (#{dequeued} chunks being written, #{queued} queued, " \
+                     "#{inflight} interrupted deliveries still running); " \
                      "#{left}s of the shutdown budget left"
           end
         end
