@@ -13,35 +13,6 @@ module FluentPluginKinesisRs
   # A partition key or explicit hash key that Kinesis would refuse.
   class InvalidKeyError < Error; end
 
-  # Raised by name from the producer/formatter bindings (ext/kinesis_rs/src/options.rs,
-  # producer.rs); defined here so Ruby can rescue them before anything was raised.
-
-  # Options the Rust side refuses.
-  class ConfigurationError < Error; end
-
-  # The record format needs Ruby to format this chunk (the Rust formatter cannot).
-  class NeedsRubyFormattingError < Error; end
-
-  # A buffer chunk that cannot be decoded.
-  class CorruptChunkError < Error; end
-
-  # A delivery failure reported by Kinesis or the network.
-  class StreamError < Error; end
-
-  # The work was interrupted (Thread#kill, shutdown) before it finished.
-  class InterruptedError < Error; end
-
-  # The producer was used after it was closed.
-  class ClosedError < Error; end
-
-  # A chunk's progress file cannot be read or written.
-  class ProgressError < Error; end
-
-  # A bug in the Rust extension (a caught panic); retryable.
-  class InternalError < Error; end
-end
-
-module FluentPluginKinesisRs
   # Options the extension cannot use; the plugin turns it into Fluent::ConfigError.
   class ConfigurationError < Error; end
 
@@ -58,9 +29,9 @@ module FluentPluginKinesisRs
   # A bug in the extension (a Rust panic, caught). Retryable: the chunk is tried again.
   class InternalError < Error; end
 
-  # The call was interrupted (thread killed, shutdown) before it could start.
-  class InterruptedError < Error; end
-
   # The producer was closed.
   class ClosedError < Error; end
+
+  # A chunk's progress file cannot be read or written.
+  class ProgressError < Error; end
 end

@@ -94,7 +94,8 @@ class RestartScenario
   end
 
   # SIGKILL to the whole group (supervisor and worker) while PutRecords calls are in flight,
-  # then a restart; `times` times. The proxy's in-flight gauges are recorded at each kill.
+  # then a restart; `times` times. The proxy's in-flight gauges are recorded at each kill, and
+  # the duplicates in the stream, so each restart's resends can be told apart.
   def kill_during_delivery(times:)
     times.times do |i|
       before = put_records_calls
@@ -104,8 +105,9 @@ class RestartScenario
         stats.dig("requests", "PutRecords").to_i > before + 1 && stats["in_flight_user_records"].to_i.positive?
       end
       @fluentd.kill!
-      @kills << { at: Time.now.to_f, in_flight_put_entries: stats["in_flight_put_entries"],
-                  in_flight_user_records: stats["in_flight_user_records"] }
+      # What the stream holds now, before the restart resends anything.
+      @kills << { in_flight_put_entries: stats["in_flight_put_entries"],
+                  in_flight_user_records: stats["in_flight_user_records"], duplicates_before: duplicates_now }
       @fluentd.start.wait_until_running(90)
     end
   end
@@ -121,7 +123,7 @@ class RestartScenario
     got = nil
     loop do
       got = @kinesis.read(@stream)
-      count = got["records"].size
+      count = got["records"].map { |r| ApacheLog.number(r["data"]) }.uniq.size
       break if count >= @lines && read_offset >= File.size(@log)
 
       if count != last_count
@@ -162,25 +164,25 @@ class RestartScenario
     duplicates = counts.values.sum { |c| c - 1 }
     kcl = Hash.new(0)
     got["records"].each_with_index { |r, i| kcl[numbers[i]] += 1 if r["kcl_ok"] }
-    attribute_duplicates(got["records"], numbers)
+    attribute_duplicates(duplicates)
     Result.new(written: @lines, received: counts.size, lost: lost, duplicates: duplicates, stops: @stops,
                kills: @kills, kinesis_records: got["kinesis_records"], kcl_dropped: got["kcl_dropped_aggregates"],
                kcl_lost: (0...@lines).count { |i| kcl[i].zero? }, kcl_duplicates: kcl.values.sum { |c| c - 1 })
   end
 
-  # Each repeated copy of a line is blamed on the last kill before the copy arrived.
-  def attribute_duplicates(records, numbers)
-    return if @kills.empty?
-
-    @kills.each { |k| k[:duplicates] = 0 }
-    by_line = Hash.new { |h, k| h[k] = [] }
-    records.each_with_index { |r, i| by_line[numbers[i]] << r["arrival"].to_f }
-    by_line.each_value do |arrivals|
-      arrivals.sort.drop(1).each do |t|
-        kill = @kills.reverse.find { |k| k[:at] <= t }
-        kill[:duplicates] += 1 if kill
-      end
+  # The copies a restart resent: the duplicates in the stream at the next kill (or at the end)
+  # minus those there at this kill.
+  def attribute_duplicates(final)
+    @kills.each_with_index do |k, i|
+      after = i + 1 < @kills.size ? @kills[i + 1][:duplicates_before] : final
+      k[:duplicates] = after - k[:duplicates_before]
     end
+  end
+
+  def duplicates_now
+    counts = Hash.new(0)
+    @kinesis.read(@stream)["records"].each { |r| counts[ApacheLog.number(r["data"])] += 1 }
+    counts.values.sum { |c| c - 1 }
   end
 
   def written_lines
