@@ -45,6 +45,7 @@ class FluentdRestartTest < Test::Unit::TestCase
     s = scenario(name: "term-file", buffer: { type: "file" }, faults: [SLOW_CALLS]).start
     s.signal_mid_stream(:TERM)
     assert_complete(s.finish)
+    assert_empty s.progress_files, "progress files are removed with their chunks"
   end
 
   test "SIGTERM mid-stream, memory buffer, shards throttled to 256 KiB/s: the stop waits for the deliveries" do
@@ -76,5 +77,7 @@ class FluentdRestartTest < Test::Unit::TestCase
     # yet on disk: a few records of slack per kill.
     assert_operator result.duplicates, :<=, in_flight + 50 * result.kills.size,
                     "duplicates #{result.duplicates} vs in flight at the kills #{result.kills}"
+    assert_match(/records were delivered before the restart; sending the rest/, s.log_text)
+    assert_empty s.progress_files, "progress files are removed with their chunks"
   end
 end

@@ -148,6 +148,11 @@ class RestartScenario
     @fluentd.log_text
   end
 
+  # The plugin's progress files left in a file buffer's directory.
+  def progress_files
+    Dir.glob(File.join(@dir, "buffer", "*.kinesis-progress*"))
+  end
+
   private
 
   def stop(sig)

@@ -192,6 +192,8 @@ module Fluent
         # Deliveries whose wait was abandoned (the flush thread was killed or raised), by chunk
         # id: they run on, and the chunk's next write collects them before sending anything.
         @inflight = {}
+        # Progress files of chunks delivered in full, removed once fluentd has purged the chunk.
+        @finished_progress = {}
       end
 
       def multi_workers_ready?
@@ -254,6 +256,14 @@ module Fluent
         @producer&.close
       end
 
+      # fluentd purges a chunk here once its write returned (also after <secondary> took it): its
+      # progress file goes with it.
+      def commit_write(chunk_id, **options)
+        super
+        progress = @delivered_lock.synchronize { @finished_progress.delete(chunk_id) }
+        remove_progress_file(dump_unique_id_hex(chunk_id), progress) if progress
+      end
+
       def statistics
         stats = super
         stats["output"].merge!(kinesis_statistics)
@@ -284,7 +294,7 @@ module Fluent
         result = deliver(chunk, chunk_id, stream, tag, previously, progress)
         failures = result["failures"]
         if failures.empty?
-          forget(chunk_id, progress)
+          forget(chunk.unique_id, chunk_id, progress)
           log_chunk(stream, chunk_id, result)
           return
         end
@@ -640,9 +650,17 @@ module Fluent
         log.warn "chunk #{chunk_id}: cannot keep its delivery progress on disk", error: e.message
       end
 
-      def forget(chunk_id, progress)
-        @delivered_lock.synchronize { @delivered.delete(chunk_id) }
-        FluentPluginKinesisRs::Native.remove_progress(progress) if progress
+      # The chunk is delivered. Its progress file stays until fluentd has purged the chunk (see
+      # commit_write): a crash in between must not make a restart send the whole chunk again.
+      def forget(uid, chunk_id, progress)
+        @delivered_lock.synchronize do
+          @delivered.delete(chunk_id)
+          @finished_progress[uid] = progress if progress
+        end
+      end
+
+      def remove_progress_file(chunk_id, progress)
+        FluentPluginKinesisRs::Native.remove_progress(progress)
       rescue FluentPluginKinesisRs::ProgressError => e
         log.warn "chunk #{chunk_id}: cannot remove its progress file", error: e.message
       end
