@@ -193,16 +193,7 @@ class FluentdRun
 
   def config(monitor_port)
     <<~CONF
-      <source>
-        @type tail
-        path #{@dir}/access.log
-        pos_file #{@dir}/access.log.pos
-        tag apache.access
-        read_from_head true
-        <parse>
-          @type apache2
-        </parse>
-      </source>
+      #{FluentdProcess.tail_source(log: "#{@dir}/access.log")}
       <source>
         @type monitor_agent
         bind 127.0.0.1

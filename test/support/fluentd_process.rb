@@ -151,9 +151,7 @@ class FluentdProcess
       parts << section("source", ["@type forward", "bind 127.0.0.1", "port #{forward_port}"])
     end
     if tail
-      source = section("source", ["@type tail", "path #{log}", "pos_file #{pos_file || "#{log}.pos"}", "tag #{tag}",
-                                  ("read_from_head true" if read_from_head),
-                                  section("parse", ["@type apache2"])].compact)
+      source = tail_source(log: log, pos_file: pos_file, tag: tag, read_from_head: read_from_head)
       parts << (workers.to_i > 1 ? section("worker #{tail_worker}", [source]) : source)
     end
     buffer = { flush_interval: "1s" }.merge(buffer.transform_keys(&:to_sym))
@@ -170,6 +168,12 @@ class FluentdProcess
     parts << error_label(error_file) if error_file
     parts << extra.to_s unless extra.to_s.empty?
     parts.join
+  end
+
+  # The <source> of in_tail reading the Apache log at `log` (apache2 parser).
+  def self.tail_source(log:, pos_file: nil, tag: "apache.access", read_from_head: true)
+    section("source", ["@type tail", "path #{log}", "pos_file #{pos_file || "#{log}.pos"}", "tag #{tag}",
+                       ("read_from_head true" if read_from_head), section("parse", ["@type apache2"])].compact)
   end
 
   # <label @ERROR> writing error events to `path`, one JSON object a line.

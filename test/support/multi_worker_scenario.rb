@@ -7,6 +7,7 @@ require_relative "apache_log"
 require_relative "fault_proxy"
 require_relative "fluentd_process"
 require_relative "local_kinesis"
+require_relative "scenario_setup"
 
 # Scale-out inside one host: a forwarder fluentd tails an Apache log and sends it with
 # out_forward (file buffer, acknowledged) to an aggregator fluentd running `workers N` with
@@ -14,6 +15,7 @@ require_relative "local_kinesis"
 # SIGTERM mid-stream and is started again; the forwarder keeps its events until they are
 # acknowledged. Every line is then counted in the stream, and the KCL's check is applied.
 class MultiWorkerScenario
+  include ScenarioSetup
   Result = Struct.new(:written, :received, :lost, :duplicates, :kcl_dropped, :seconds, :cpu_seconds,
                       :stops, keyword_init: true) do
     def records_per_second
@@ -31,12 +33,7 @@ class MultiWorkerScenario
   def initialize(kinesis:, lines:, workers:, shards: 4, faults: [], name: "workers")
     @kinesis = kinesis
     @lines = lines
-    @dir = Dir.mktmpdir("kinesis-#{name}")
-    @log = File.join(@dir, "access.log")
-    File.write(@log, "")
-    @stream = kinesis.create_stream(kinesis.unique_stream(name), shards)
-    @proxy = FaultProxy.new(kinesis.endpoint)
-    faults.each { |f| @proxy.command_line(f) }
+    prepare_stream_and_proxy(name, shards, faults)
     forward_port = FluentdProcess.free_port
     agg_dir = File.join(@dir, "aggregator")
     config = FluentdProcess.pipeline_config(
@@ -48,16 +45,7 @@ class MultiWorkerScenario
     fwd_dir = File.join(@dir, "forwarder")
     FileUtils.mkdir_p(fwd_dir)
     @forwarder = FluentdProcess.new(dir: fwd_dir, config: <<~CONF, supervisor: false, name: "forwarder")
-      <source>
-        @type tail
-        path #{@log}
-        pos_file #{@log}.pos
-        tag apache.access
-        read_from_head true
-        <parse>
-          @type apache2
-        </parse>
-      </source>
+      #{FluentdProcess.tail_source(log: @log)}
       <match apache.access>
         @type forward
         require_ack_response true

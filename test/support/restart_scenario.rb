@@ -6,6 +6,7 @@ require_relative "apache_log"
 require_relative "fault_proxy"
 require_relative "fluentd_process"
 require_relative "local_kinesis"
+require_relative "scenario_setup"
 
 # A real fluentd (supervisor + worker) tailing an Apache log into this plugin, through the
 # fault proxy to a local Kinesis, while the test stops it (SIGTERM, SIGINT) or crashes it
@@ -20,6 +21,7 @@ require_relative "local_kinesis"
 #   result = s.finish                # => Result(written, received, lost, duplicates, ...)
 #   s.cleanup
 class RestartScenario
+  include ScenarioSetup
   # What a run came to. stops: [{signal:, seconds:, escalated:}], kills: [{in_flight_user_records:,
   # in_flight_put_entries:, duplicates:}] (duplicates resent after that kill).
   # kcl_lost, kcl_duplicates: the same counts as a KCL consumer sees them (aggregates that fail
@@ -40,12 +42,7 @@ class RestartScenario
     @kinesis = kinesis
     @lines = lines
     @rate = rate
-    @dir = Dir.mktmpdir("kinesis-#{name}")
-    @log = File.join(@dir, "access.log")
-    File.write(@log, "")
-    @stream = kinesis.create_stream(kinesis.unique_stream(name), shards)
-    @proxy = FaultProxy.new(kinesis.endpoint)
-    faults.each { |f| @proxy.command_line(f) }
+    prepare_stream_and_proxy(name, shards, faults)
     @stops = []
     @kills = []
     config = FluentdProcess.pipeline_config(
