@@ -180,11 +180,6 @@ impl Delivery {
         delivery
     }
 
-    /// Completes when the delivery has finished.
-    pub async fn finished(&self) {
-        self.finished.cancelled().await
-    }
-
     pub fn is_finished(&self) -> bool {
         self.finished.is_cancelled()
     }
