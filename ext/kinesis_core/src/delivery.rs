@@ -159,21 +159,16 @@ impl Delivery {
                     events,
                     event_count,
                     refused,
-                } => {
-                    let mut o = deliver_records(
-                        &producer,
-                        &stream,
-                        batch,
-                        &events,
-                        event_count,
-                        previously,
-                        &d,
-                    )
-                    .await;
-                    o.refused.extend(refused);
-                    o.refused.sort_by_key(|r| r.0);
-                    Ok(o)
-                }
+                } => Ok(deliver_records(
+                    &producer,
+                    &stream,
+                    batch,
+                    &events,
+                    event_count,
+                    refused,
+                    &d,
+                )
+                .await),
             };
             *d.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
         });
@@ -239,28 +234,25 @@ async fn deliver_chunk(
         formatted.batch,
         &formatted.events,
         formatted.event_count,
-        previously,
+        formatted.refused,
         delivery,
     )
     .await;
-    outcome.refused.extend(formatted.refused);
-    outcome.refused.sort_by_key(|r| r.0);
     outcome.counters.scrubbed += u64::from(scrubbed);
     Ok(outcome)
 }
 
 /// Delivers user records already formatted; `events[i]` is the chunk event of record `i`.
+/// `refused`: events found unsendable before delivery (formatting), reported with the rest.
 async fn deliver_records(
     producer: &Producer,
     stream: &str,
     batch: RecordBatch,
     events: &[u32],
     event_count: u32,
-    previously: Option<&EventBits>,
+    mut refused: Vec<(u32, String)>,
     delivery: &Delivery,
 ) -> ChunkOutcome {
-    let mut delivered = previously.cloned().unwrap_or_default();
-    delivered.0.resize((event_count as usize).div_ceil(8), 0);
     let indexes: Vec<u32> = (0..batch.len() as u32).collect();
     let progress = delivery.progress.clone();
     let on_delivered = move |members: &[u32]| {
@@ -269,12 +261,15 @@ async fn deliver_records(
     let result = producer
         .put(stream, &batch, &indexes, &delivery.stop, &on_delivered)
         .await;
-    let mut refused = Vec::new();
+    // What earlier attempts delivered or refused, plus every record this one delivered (the
+    // progress callback saw each of them).
+    let mut delivered = delivery.progress();
+    delivered.0.resize((event_count as usize).div_ceil(8), 0);
     let mut counts = vec![0u32; result.failures.len()];
     for (i, status) in result.status.iter().enumerate() {
         let event = events[i];
         match *status {
-            RecordStatus::Delivered => delivered.set(event),
+            RecordStatus::Delivered => {}
             RecordStatus::Refused(f) => {
                 refused.push((event, result.failures[f as usize].message.clone()))
             }
@@ -282,6 +277,7 @@ async fn deliver_records(
             RecordStatus::Skipped | RecordStatus::Pending => {}
         }
     }
+    refused.sort_by_key(|r| r.0);
     let failures = result
         .failures
         .iter()

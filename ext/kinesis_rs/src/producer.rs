@@ -125,13 +125,7 @@ impl RbProducer {
             chunk: bytes_of(chunk),
             tag,
         };
-        rb_self.start(
-            ruby,
-            stream,
-            job,
-            previously,
-            progress_file(progress, chunk_id),
-        )
+        rb_self.start(ruby, stream, job, previously, progress, chunk_id)
     }
 
     /// Starts delivering records formatted in Ruby: `records` is an Array of
@@ -174,13 +168,7 @@ impl RbProducer {
             event_count,
             refused,
         };
-        rb_self.start(
-            ruby,
-            stream,
-            job,
-            previously,
-            progress_file(progress, chunk_id),
-        )
+        rb_self.start(ruby, stream, job, previously, progress, chunk_id)
     }
 
     fn start(
@@ -189,10 +177,12 @@ impl RbProducer {
         stream: String,
         job: Job,
         previously: Option<RString>,
-        file: Option<ProgressFile>,
+        progress: Option<String>,
+        chunk_id: RString,
     ) -> Result<RbDelivery, Error> {
         let producer = self.producer(ruby)?;
         let previously = previously.map(|p| EventBits(bytes_of(p)));
+        let file = progress_file(progress, chunk_id);
         let rt = rt(ruby)?;
         let delivery = Delivery::start(&rt, producer, stream, job, previously, file);
         Ok(RbDelivery { inner: delivery })

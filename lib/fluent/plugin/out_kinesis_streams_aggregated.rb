@@ -299,7 +299,8 @@ module Fluent
           return
         end
         # Refused records are in the error stream already: a retry of the chunk skips them too.
-        handled = merge_bits(previously, handled_bits(result))
+        # (The delivered bits already include what earlier attempts delivered or refused.)
+        handled = handled_bits(result)
         remember(chunk, chunk_id, handled, progress)
         raise_undelivered(stream, chunk_id, result, handled)
       rescue FluentPluginKinesisRs::CorruptChunkError => e
@@ -513,7 +514,7 @@ module Fluent
       def collect(chunk, chunk_id, tag, delivery, refused_in_ruby = [])
         @delivered_lock.synchronize { @inflight[chunk_id] = delivery }
         result = delivery.wait
-        @delivered_lock.synchronize { @inflight.delete(chunk_id) if @inflight[chunk_id].equal?(delivery) }
+        unregister(chunk_id, delivery)
         result["refused"] = (result["refused"] + refused_in_ruby).sort_by(&:first) unless refused_in_ruby.empty?
         account(result)
         emit_refused(chunk, tag, result["refused"]) unless result["refused"].empty?
@@ -524,8 +525,12 @@ module Fluent
       rescue FluentPluginKinesisRs::Error
         # The delivery itself failed (it cannot be collected again). Any other exception is an
         # interrupt of the wait (Thread#raise, Timeout): the delivery stays registered.
-        @delivered_lock.synchronize { @inflight.delete(chunk_id) if @inflight[chunk_id].equal?(delivery) }
+        unregister(chunk_id, delivery)
         raise
+      end
+
+      def unregister(chunk_id, delivery)
+        @delivered_lock.synchronize { @inflight.delete(chunk_id) if @inflight[chunk_id].equal?(delivery) }
       end
 
       # The slow path: fluentd's formatter, then the extension delivers.
