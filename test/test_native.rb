@@ -2,6 +2,8 @@
 
 require_relative "helper"
 require "base64"
+require "tmpdir"
+require "fileutils"
 
 # FluentPluginKinesisRs::Native: KPL aggregation in Rust, checked by reading the aggregates back
 # with our own decoder and with Python's aws_kinesis_agg (what Lambda consumers use).
@@ -31,6 +33,25 @@ class TestNative < Test::Unit::TestCase
       records = Native.deaggregate(aggregate)
       assert_not_nil(records, "not read as an aggregate: #{aggregate.bytes.first(8).inspect}")
       records
+    end
+  end
+
+  test "a platform gem without this Ruby's extension says how to get the source gem compiled" do
+    Dir.mktmpdir("kinesis-loader") do |dir|
+      error = LoadError.new("cannot load such file")
+      message = FluentPluginKinesisRs.extension_missing_message("3.0", error, dir)
+      assert_match(/not built/, message)
+      assert_match(/--platform ruby/, message)
+
+      %w[3.4 2.7 3.1].each do |minor|
+        FileUtils.mkdir_p(File.join(dir, minor))
+        File.write(File.join(dir, minor, "kinesis_rs.so"), "")
+      end
+      assert_equal %w[2.7 3.1 3.4], FluentPluginKinesisRs.precompiled_minors(dir)
+      message = FluentPluginKinesisRs.extension_missing_message("3.0", error, dir)
+      assert_match(/has extensions for Ruby 2\.7, 3\.1, 3\.4, not for Ruby #{Regexp.escape(RUBY_VERSION)} \(3\.0\)/, message)
+      assert_match(/`gem install fluent-plugin-kinesis-rs --platform ruby`/, message)
+      assert_match(/Rust 1\.85 or newer with cargo on PATH, libclang/, message)
     end
   end
 

@@ -3,7 +3,7 @@
 require "socket"
 require "fluent/version"
 require "fluent/plugin/output"
-require "fluent_plugin_kinesis_rs"
+require_relative "../../fluent_plugin_kinesis_rs"
 
 module Fluent
   module Plugin
