@@ -186,7 +186,7 @@ module Packaging
     src = File.join(CACHE, "src", "ruby-3.2-#{arch.name}")
     FileUtils.rm_rf(src)
     FileUtils.mkdir_p(src)
-    run!("tar", "-xzf", RUBY32_SOURCE, "-C", src, "--strip-components=1")
+    run!("tar", "-xzf", RUBY32_SOURCE, "-C", src, "--strip-components=1", quiet: true)
     run!("./autogen.sh", chdir: src, quiet: true) unless File.exist?(File.join(src, "configure"))
     common = %W[--prefix=#{prefix} --disable-install-doc --enable-shared --with-baseruby=#{RbConfig.ruby}]
     if arch.name == host_arch.name
@@ -201,7 +201,12 @@ module Packaging
            "CC=#{cc}", "CXX=#{zig}/zig c++ -target #{arch.name}-linux-gnu.#{GLIBC_FLOOR}",
            "AR=#{zig}/zig ar", "RANLIB=#{zig}/zig ranlib", chdir: src, quiet: true)
       run!("make", "rbconfig.rb", chdir: src, quiet: true)
-      run!("make", "install-headers-nodoc", chdir: src, quiet: true)
+      # Laid out as `make install` would: the source's include/ plus the configured config.h,
+      # and rbconfig.rb where its TOPDIR computation expects it.
+      hdr = File.join(prefix, "include/ruby-3.2.0")
+      FileUtils.mkdir_p(File.join(hdr, "#{arch.name}-linux/ruby"))
+      FileUtils.cp_r(Dir[File.join(src, "include/*")], hdr)
+      FileUtils.cp(File.join(src, ".ext/include/#{arch.name}-linux/ruby/config.h"), File.join(hdr, "#{arch.name}-linux/ruby"))
       libdir = File.join(prefix, "lib/ruby/3.2.0", "#{arch.name}-linux")
       FileUtils.mkdir_p(libdir)
       FileUtils.cp(File.join(src, "rbconfig.rb"), libdir)
