@@ -215,6 +215,48 @@ module Packaging
       raise "the Ruby 3.2 build left no rbconfig.rb under #{prefix}"
   end
 
+  # A runnable Ruby 3.2 for another architecture, for the install check only (the extension is
+  # built from ruby32's headers, configured for glibc 2.17). It runs in the bookworm chroot of
+  # that architecture, so it targets bookworm's glibc and links the zlib, libyaml and libffi of
+  # bookworm's arm64 packages, unpacked into a sysroot. bigdecimal is left out: its extconf
+  # misdetects functions when cross compiling, and nothing here needs it.
+  def ruby32_runtime(arch)
+    prefix = File.join(CACHE, "rubies", "3.2-#{arch.name}-run")
+    ruby = File.join(prefix, "bin", "ruby")
+    return prefix if File.executable?(ruby)
+
+    sysroot = File.join(CACHE, "sysroots", arch.name)
+    %w[zlib1g zlib1g-dev libyaml-0-2 libyaml-dev libffi8 libffi-dev].each do |pkg|
+      run!("dpkg-deb", "-x", Apt.download(pkg, arch.deb, "bookworm"), sysroot, quiet: true)
+    end
+    # Absolute symlinks (libz.so -> /lib/...) would point at this machine's files.
+    Dir.glob(File.join(sysroot, "**", "*")).each do |link|
+      next unless File.symlink?(link) && File.readlink(link).start_with?("/")
+
+      target = File.join(sysroot, File.readlink(link))
+      File.unlink(link)
+      File.symlink(target, link)
+    end
+    src = File.join(CACHE, "src", "ruby-3.2-#{arch.name}-run")
+    FileUtils.rm_rf(src)
+    FileUtils.mkdir_p(src)
+    run!("tar", "-xzf", RUBY32_SOURCE, "-C", src, "--strip-components=1", quiet: true)
+    run!("./autogen.sh", chdir: src, quiet: true)
+    zig = zig_dir
+    target = "-target #{arch.name}-linux-gnu.2.36"
+    run!("./configure", "--prefix=#{prefix}", "--disable-install-doc", "--enable-shared",
+         "--with-baseruby=#{RbConfig.ruby}", "--host=#{arch.multiarch}", "--disable-jit-support",
+         "--with-out-ext=bigdecimal", "CC=#{zig}/zig cc #{target}", "CXX=#{zig}/zig c++ #{target}",
+         "AR=#{zig}/zig ar", "RANLIB=#{zig}/zig ranlib",
+         "CPPFLAGS=-I#{sysroot}/usr/include -I#{sysroot}/usr/include/#{arch.multiarch}",
+         "LDFLAGS=-L#{sysroot}/usr/lib/#{arch.multiarch} -L#{sysroot}/lib/#{arch.multiarch}",
+         "rb_cv_stack_grow_dir_#{arch.name}=-1", chdir: src, quiet: true)
+    run!("make", "-j#{jobs}", chdir: src, quiet: true)
+    run!("make", "install-nodoc", "HAVE_BASERUBY=no", chdir: src, quiet: true)
+    File.executable?(ruby) or raise "the Ruby 3.2 cross build left no #{ruby}"
+    prefix
+  end
+
   def host_arch
     ARCHES.values.find { |a| RbConfig::CONFIG["host_cpu"] == a.name } or
       raise "unsupported build host #{RbConfig::CONFIG['host_cpu']}"
