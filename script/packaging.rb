@@ -21,17 +21,20 @@ module Packaging
   EXTENSION_BUDGET = 10_000_000
   GEM_BUDGET = 40_000_000
 
-  Arch = Struct.new(:name, :deb, :triple, :gem_platform, :multiarch, keyword_init: true)
+  # elf_machine: how readelf names the machine.
+  Arch = Struct.new(:name, :deb, :triple, :gem_platform, :multiarch, :elf_machine, keyword_init: true)
   ARCHES = {
     "x86_64" => Arch.new(name: "x86_64", deb: "amd64", triple: "x86_64-unknown-linux-gnu",
-                         gem_platform: "x86_64-linux", multiarch: "x86_64-linux-gnu"),
+                         gem_platform: "x86_64-linux", multiarch: "x86_64-linux-gnu", elf_machine: "X86-64"),
     "aarch64" => Arch.new(name: "aarch64", deb: "arm64", triple: "aarch64-unknown-linux-gnu",
-                          gem_platform: "aarch64-linux", multiarch: "aarch64-linux-gnu")
+                          gem_platform: "aarch64-linux", multiarch: "aarch64-linux-gnu", elf_machine: "AArch64")
   }.freeze
 
   # suite: the Debian suite whose ruby<minor>-dev/libruby<minor> give headers and rbconfig,
   # and whose chroot runs that Ruby for the install check. Ruby 3.2 is in no suite.
-  RubyMinor = Struct.new(:minor, :suite, :extra_suites, keyword_init: true) do
+  # versioned: not the suite's default Ruby, so only package ruby<minor> and the commands
+  # ruby<minor>/gem<minor> have it (and no Debian package of fluentd's C extensions).
+  RubyMinor = Struct.new(:minor, :suite, :extra_suites, :versioned, keyword_init: true) do
     def debian? = !suite.nil?
   end
   RUBIES = {
@@ -40,7 +43,7 @@ module Packaging
     "3.2" => RubyMinor.new(minor: "3.2", suite: nil),         # fluent-package 5
     "3.3" => RubyMinor.new(minor: "3.3", suite: "trixie"),
     # ruby3.4 is only in experimental, which holds just what differs from sid.
-    "3.4" => RubyMinor.new(minor: "3.4", suite: "experimental", extra_suites: ["sid"])
+    "3.4" => RubyMinor.new(minor: "3.4", suite: "experimental", extra_suites: ["sid"], versioned: true)
   }.freeze
 
   RUBY32_SOURCE = ENV.fetch("RUBY32_SOURCE", File.expand_path("../shared/ruby/ruby-3.2.2.tar.gz", ROOT))
@@ -136,14 +139,13 @@ module Packaging
     ruby = RUBIES.fetch(minor)
     dir = File.join(CACHE, "rubies", "#{minor}-#{arch.name}")
     if ruby.debian?
-      rbconfig = Dir[File.join(dir, "usr/lib/#{arch.multiarch}/ruby/#{minor}.0/rbconfig.rb")].first
-      unless rbconfig
+      find = -> { Dir[File.join(dir, "usr/lib/#{arch.multiarch}/ruby/#{minor}.0/rbconfig.rb")].first }
+      unless (rbconfig = find.call)
         FileUtils.mkdir_p(dir)
         %W[ruby#{minor}-dev libruby#{minor}].each do |pkg|
           run!("dpkg-deb", "-x", Apt.download(pkg, arch.deb, ruby.suite), dir, quiet: true)
         end
-        rbconfig = Dir[File.join(dir, "usr/lib/#{arch.multiarch}/ruby/#{minor}.0/rbconfig.rb")].first or
-          raise "libruby#{minor} (#{arch.deb}) has no rbconfig.rb under #{dir}"
+        rbconfig = find.call or raise "libruby#{minor} (#{arch.deb}) has no rbconfig.rb under #{dir}"
       end
     else
       rbconfig = ruby32(arch)
@@ -178,28 +180,18 @@ module Packaging
   # and installs only headers and rbconfig.rb.
   def ruby32(arch)
     prefix = File.join(CACHE, "rubies", "3.2-#{arch.name}")
-    rbconfig = Dir[File.join(prefix, "lib/ruby/3.2.0/*/rbconfig.rb")].first
+    find = -> { Dir[File.join(prefix, "lib/ruby/3.2.0/*/rbconfig.rb")].first }
+    rbconfig = find.call
     return rbconfig if rbconfig
 
-    File.file?(RUBY32_SOURCE) or
-      raise "Ruby 3.2 source not found at #{RUBY32_SOURCE} (set RUBY32_SOURCE to the ruby-3.2.2 release tarball)"
-    src = File.join(CACHE, "src", "ruby-3.2-#{arch.name}")
-    FileUtils.rm_rf(src)
-    FileUtils.mkdir_p(src)
-    run!("tar", "-xzf", RUBY32_SOURCE, "-C", src, "--strip-components=1", quiet: true)
-    run!("./autogen.sh", chdir: src, quiet: true) unless File.exist?(File.join(src, "configure"))
+    src = unpack_ruby32("ruby-3.2-#{arch.name}")
     common = %W[--prefix=#{prefix} --disable-install-doc --enable-shared --with-baseruby=#{RbConfig.ruby}]
-    if arch.name == host_arch.name
+    if arch == host_arch
       run!("./configure", *common, chdir: src, quiet: true)
-      run!("make", "-j#{jobs}", chdir: src, quiet: true)
-      # A plain `make install` tries to download the bundled gems.
-      run!("make", "install-nodoc", "HAVE_BASERUBY=no", chdir: src, quiet: true)
+      make_install_ruby32(src)
     else
-      zig = zig_dir
-      cc = "#{zig}/zig cc -target #{arch.name}-linux-gnu.#{GLIBC_FLOOR}"
       run!("./configure", *common, "--host=#{arch.multiarch}", "--disable-jit-support",
-           "CC=#{cc}", "CXX=#{zig}/zig c++ -target #{arch.name}-linux-gnu.#{GLIBC_FLOOR}",
-           "AR=#{zig}/zig ar", "RANLIB=#{zig}/zig ranlib", chdir: src, quiet: true)
+           *zig_cross_tools(arch, GLIBC_FLOOR), chdir: src, quiet: true)
       run!("make", "rbconfig.rb", chdir: src, quiet: true)
       # Laid out as `make install` would: the source's include/ plus the configured config.h,
       # and rbconfig.rb where its TOPDIR computation expects it.
@@ -211,8 +203,32 @@ module Packaging
       FileUtils.mkdir_p(libdir)
       FileUtils.cp(File.join(src, "rbconfig.rb"), libdir)
     end
-    Dir[File.join(prefix, "lib/ruby/3.2.0/*/rbconfig.rb")].first or
-      raise "the Ruby 3.2 build left no rbconfig.rb under #{prefix}"
+    find.call or raise "the Ruby 3.2 build left no rbconfig.rb under #{prefix}"
+  end
+
+  # The Ruby 3.2 release source, freshly unpacked under CACHE/src/name, with configure made.
+  def unpack_ruby32(name)
+    File.file?(RUBY32_SOURCE) or
+      raise "Ruby 3.2 source not found at #{RUBY32_SOURCE} (set RUBY32_SOURCE to the ruby-3.2.2 release tarball)"
+    src = File.join(CACHE, "src", name)
+    FileUtils.rm_rf(src)
+    FileUtils.mkdir_p(src)
+    run!("tar", "-xzf", RUBY32_SOURCE, "-C", src, "--strip-components=1", quiet: true)
+    run!("./autogen.sh", chdir: src, quiet: true) unless File.exist?(File.join(src, "configure"))
+    src
+  end
+
+  def make_install_ruby32(src)
+    run!("make", "-j#{jobs}", chdir: src, quiet: true)
+    # A plain `make install` tries to download the bundled gems.
+    run!("make", "install-nodoc", "HAVE_BASERUBY=no", chdir: src, quiet: true)
+  end
+
+  # configure's compiler variables for a cross build with zig, against glibc version glibc.
+  def zig_cross_tools(arch, glibc)
+    zig = File.join(zig_dir, "zig")
+    target = "-target #{arch.name}-linux-gnu.#{glibc}"
+    ["CC=#{zig} cc #{target}", "CXX=#{zig} c++ #{target}", "AR=#{zig} ar", "RANLIB=#{zig} ranlib"]
   end
 
   # A runnable Ruby 3.2 for another architecture, for the install check only (the extension is
@@ -237,22 +253,14 @@ module Packaging
       File.unlink(link)
       File.symlink(target, link)
     end
-    src = File.join(CACHE, "src", "ruby-3.2-#{arch.name}-run")
-    FileUtils.rm_rf(src)
-    FileUtils.mkdir_p(src)
-    run!("tar", "-xzf", RUBY32_SOURCE, "-C", src, "--strip-components=1", quiet: true)
-    run!("./autogen.sh", chdir: src, quiet: true)
-    zig = zig_dir
-    target = "-target #{arch.name}-linux-gnu.2.36"
+    src = unpack_ruby32("ruby-3.2-#{arch.name}-run")
     run!("./configure", "--prefix=#{prefix}", "--disable-install-doc", "--enable-shared",
          "--with-baseruby=#{RbConfig.ruby}", "--host=#{arch.multiarch}", "--disable-jit-support",
-         "--with-out-ext=bigdecimal", "CC=#{zig}/zig cc #{target}", "CXX=#{zig}/zig c++ #{target}",
-         "AR=#{zig}/zig ar", "RANLIB=#{zig}/zig ranlib",
+         "--with-out-ext=bigdecimal", *zig_cross_tools(arch, "2.36"),
          "CPPFLAGS=-I#{sysroot}/usr/include -I#{sysroot}/usr/include/#{arch.multiarch}",
          "LDFLAGS=-L#{sysroot}/usr/lib/#{arch.multiarch} -L#{sysroot}/lib/#{arch.multiarch}",
          "rb_cv_stack_grow_dir_#{arch.name}=-1", chdir: src, quiet: true)
-    run!("make", "-j#{jobs}", chdir: src, quiet: true)
-    run!("make", "install-nodoc", "HAVE_BASERUBY=no", chdir: src, quiet: true)
+    make_install_ruby32(src)
     File.executable?(ruby) or raise "the Ruby 3.2 cross build left no #{ruby}"
     prefix
   end
@@ -275,7 +283,7 @@ module Packaging
     File.executable?(File.join(dir, "zig")) or raise "no zig binary in #{dir}"
     dir
   rescue RuntimeError
-    raise "zig not found: pip install ziglang (script/setup-package installs it)"
+    raise "zig not found: pip install ziglang (script/setup installs it)"
   end
 
   # --- Checks on a built extension.
@@ -300,15 +308,12 @@ module Packaging
     extra = f.needed.grep_v(ALLOWED_NEEDED)
     problems << "links #{extra.join(', ')}" unless extra.empty?
     problems << "is #{f.size} bytes, over the #{EXTENSION_BUDGET}-byte budget" if f.size > EXTENSION_BUDGET
-    want = arch.name == "x86_64" ? /X86-64/ : /AArch64/
-    problems << "is built for #{f.machine}, not #{arch.name}" unless f.machine.match?(want)
+    problems << "is built for #{f.machine}, not #{arch.name}" unless f.machine.include?(arch.elf_machine)
     raise "#{path}: #{problems.join('; ')}" unless problems.empty?
 
     f
   end
-end
 
-module Packaging
   # A Debian chroot under CACHE/chroots, made by debootstrap and kept between runs; it is
   # rebuilt when the package list asked for changes. Foreign architectures (arm64) run under
   # qemu-user through binfmt_misc.
@@ -362,7 +367,7 @@ module Packaging
     end
 
     def run!(*cmd)
-      Packaging.run!("chroot", @path, *cmd, quiet: false)
+      Packaging.run!("chroot", @path, *cmd)
     end
 
     # /proc, /dev and each host directory in paths bind-mounted at the same path inside, for
@@ -391,7 +396,7 @@ module Packaging
     return if File.exist?(File.join(misc, qemu_name))
 
     conf = "/usr/lib/binfmt.d/#{qemu_name}.conf"
-    File.exist?(conf) or raise "#{conf} missing: apt-get install qemu-user-static (script/setup --package)"
+    File.exist?(conf) or raise "#{conf} missing: apt-get install qemu-user-static (script/setup installs it)"
     File.write(File.join(misc, "register"), File.read(conf).strip)
   end
 end

@@ -17,6 +17,7 @@
 # otherwise.
 
 require "json"
+require_relative "../support/apache_log"
 
 def fail!(msg)
   warn "exercise: FAILED on Ruby #{RUBY_VERSION} (#{RUBY_PLATFORM}): #{msg}"
@@ -33,11 +34,8 @@ level = ENV.fetch("LEVEL", "auto")
 
 fail!("this is Ruby #{RUBY_VERSION}, expected #{expect_minor}") unless RUBY_VERSION.start_with?("#{expect_minor}.")
 
-lines = Array.new(events) do |i|
-  host = "10.0.#{i % 7}.#{(i * 37) % 251}"
-  %(#{host} - - [30/Nov/2026:06:#{format('%02d', (i / 60) % 60)}:#{format('%02d', i % 60)} +0000] ) +
-    %("GET /item/#{i}?q=\u00e9t\u00e9 HTTP/1.1" #{[200, 304, 404][i % 3]} #{100 + i} "-" "check/#{i}")
-end
+# The project's Apache lines, with a non-ASCII request path so UTF-8 goes through too.
+lines = Array.new(events) { |i| ApacheLog.line(i, path: ->(n) { "/item/#{n}?q=\u00e9t\u00e9" }) }
 time = 1_796_000_000
 
 credentials = { "access_key_id" => "AKIDINSTALLCHECK", "secret_access_key" => "install-check-secret" }
