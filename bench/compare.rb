@@ -25,6 +25,8 @@
 # driver (same events, same default buffer, same proxy), in its own process, and reports CPU
 # per record for the emit/format phase and for the write phase separately; a buffered
 # `@type null` goes through the same steps, so what fluentd itself costs can be subtracted.
+# "ours+metrics" is ours with CloudWatch metrics on (detailed, per shard) against a local moto
+# server, when moto is installed.
 #
 # The two plugins register the same @type, so they never share a process or a load path.
 #
@@ -293,14 +295,15 @@ def kinesis_match(stream, endpoint)
   MATCH
 end
 
-def write_path(name, load_path, bench_kinesis, run)
+# plugin_conf: extra lines for the plugin's configuration.
+def write_path(name, load_path, bench_kinesis, run, plugin_conf: "")
   args = if name == "null" then ["-", "-", Bench::WRITE_PATH_RECORDS.to_s, "null"]
          else
-           stream = bench_kinesis.kinesis.create_stream("bench-write-path-#{name}-#{run}", Bench::SHARDS)
+           stream = bench_kinesis.kinesis.create_stream("bench-write-path-#{name.tr("^a-z", "-")}-#{run}", Bench::SHARDS)
            [bench_kinesis.endpoint, stream, Bench::WRITE_PATH_RECORDS.to_s]
          end
-  out, status = Open3.capture2({ "RUBYLIB" => load_path.join(File::PATH_SEPARATOR) }, RbConfig.ruby,
-                               File.join(__dir__, "write_path.rb"), *args)
+  env = { "RUBYLIB" => load_path.join(File::PATH_SEPARATOR), "WRITE_PATH_PLUGIN_CONF" => plugin_conf }
+  out, status = Open3.capture2(env, RbConfig.ruby, File.join(__dir__, "write_path.rb"), *args)
   raise "bench/write_path.rb (#{name}) failed: #{status}" unless status.success?
 
   result = JSON.parse(out.lines.last)
@@ -310,6 +313,23 @@ def write_path(name, load_path, bench_kinesis, run)
   result["expected_back"] = result["records"] + result["warmup_records"]
   result["read_back"] = bench_kinesis.read_back(stream, result["expected_back"])
   result
+end
+
+# The write path again with CloudWatch metrics at their most expensive (detailed, per shard),
+# sent to a local moto server; nil (with a note) when moto is not installed.
+def metrics_plugin_conf
+  require_relative "../test/support/moto_server"
+  if MotoServer.missing
+    warn "bench: no ours+metrics column: #{MotoServer.missing}"
+    return nil
+  end
+  moto = MotoServer.shared
+  <<~CONF
+    metrics_level detailed
+    metrics_granularity shard
+    metrics_endpoint #{moto.endpoint}
+    metrics_request_compression false
+  CONF
 end
 
 def per_call(wire, key)
@@ -364,10 +384,12 @@ def main
   report_fluentd(runs)
 
   candidates = Hash.new { |h, k| h[k] = [] }
+  metrics_conf = metrics_plugin_conf
   Bench::WRITE_PATH_RUNS.times do |i|
     candidates["null"] << write_path("null", fluentd_dirs, bk, i)
     candidates["anchor"] << write_path("anchor", anchor_dirs + fluentd_dirs, bk, i) if anchor_dirs
     candidates["ours"] << write_path("ours", ours_lib, bk, i)
+    candidates["ours+metrics"] << write_path("ours+metrics", ours_lib, bk, i, plugin_conf: metrics_conf) if metrics_conf
   end
   paths = candidates.map do |name, results|
     # Each phase's least CPU over the runs: contention from other work on the machine only ever

@@ -18,7 +18,8 @@
 #          are timed, not the events' construction);
 #   write  gate opened and the buffer flushed: fluentd's flush machinery and the plugin's
 #          #write, until every chunk is written.
-# Prints one JSON line with the results on stdout.
+# Prints one JSON line with the results on stdout. WRITE_PATH_PLUGIN_CONF: extra lines for the
+# plugin's configuration (bench/compare.rb's metrics column).
 #
 # STACKPROF_OUT=/tmp/wp samples both phases with stackprof (cpu mode, if it is installed) into
 # /tmp/wp-emit.dump and /tmp/wp-write.dump (`stackprof --text FILE`); the CPU numbers then
@@ -118,6 +119,7 @@ else
     endpoint #{endpoint}
     aws_key_id AKIDBENCH
     aws_sec_key bench-secret
+    #{ENV.fetch("WRITE_PATH_PLUGIN_CONF", "")}
   CONF
 end
 plugin = driver.instance

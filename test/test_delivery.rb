@@ -44,7 +44,7 @@ class TestDelivery < Test::Unit::TestCase
   test "a delivery runs to the end, keeps its progress on disk, and gives its result once" do
     stream = @kinesis.create_stream(@kinesis.unique_stream("delivery"), 2)
     path = File.join(@dir, "buffer.p0123.log.kinesis-progress")
-    delivery = @producer.start_chunk(stream, @formatter, chunk(100), "t", nil, path, CHUNK_ID)
+    delivery = @producer.start_chunk(stream, @formatter, chunk(100), "t", nil, path, CHUNK_ID, Time.now.to_f)
     result = delivery.wait
     assert_true delivery.finished?
     assert_equal [], result["failures"]
@@ -60,7 +60,7 @@ class TestDelivery < Test::Unit::TestCase
     stream = @kinesis.create_stream(@kinesis.unique_stream("delivery"), 1)
     path = File.join(@dir, "buffer.p0456.log.kinesis-progress")
     earlier = bits(40, 0...25)
-    result = @producer.start_chunk(stream, @formatter, chunk(40), "t", earlier, path, CHUNK_ID).wait
+    result = @producer.start_chunk(stream, @formatter, chunk(40), "t", earlier, path, CHUNK_ID, Time.now.to_f).wait
     assert_equal 40, result["delivered_count"]
     assert_equal (25...40).to_a, read_seqs(stream)
     assert_equal bits(40, 0...40), Native.read_progress(path, CHUNK_ID)
@@ -86,7 +86,7 @@ class TestDelivery < Test::Unit::TestCase
   test "an unwritable progress file is reported, and the delivery still completes" do
     stream = @kinesis.create_stream(@kinesis.unique_stream("delivery"), 1)
     path = File.join(@dir, "no-such-dir", "buffer.p0abc.log.kinesis-progress")
-    result = @producer.start_chunk(stream, @formatter, chunk(10), "t", nil, path, CHUNK_ID).wait
+    result = @producer.start_chunk(stream, @formatter, chunk(10), "t", nil, path, CHUNK_ID, Time.now.to_f).wait
     assert_equal 10, result["delivered_count"]
     assert_match(/no-such-dir/, result["progress_file_error"])
   end

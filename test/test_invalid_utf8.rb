@@ -188,7 +188,7 @@ class TestInvalidUtf8Native < Test::Unit::TestCase
     formatter = Native::Formatter.new(options)
     stream = @kinesis.create_stream(@kinesis.unique_stream("utf8"), 1)
     chunk = records.map { |r| [1_700_000_000, r].to_msgpack }.join.b
-    result = @producer.start_chunk(stream, formatter, chunk, "test.utf8", nil, nil, "0123456789abcdef".b).wait
+    result = @producer.start_chunk(stream, formatter, chunk, "test.utf8", nil, nil, "0123456789abcdef".b, Time.now.to_f).wait
     assert_equal([], result["failures"])
     [result, @kinesis.read(stream)["records"].map { |r| r["data"].b }]
   end

@@ -136,6 +136,13 @@ class KinesisStreamsAggregatedOutputTest < Test::Unit::TestCase
     assert_match(/exclude each other/, e.message)
     e = assert_raise(Fluent::ConfigError) { driver(config("s", "ssl_verify_peer false")) }
     assert_match(/ssl_ca_file/, e.message)
+    e = assert_raise(Fluent::ConfigError) { driver(config("s", "metrics_level summary\nmetrics_namespace AWS/Kinesis")) }
+    assert_match(%r{AWS/ are reserved}, e.message)
+    e = assert_raise(Fluent::ConfigError) { driver(config("s", "metrics_namespace caf\u00e9")) }
+    assert_match(/printable ASCII/, e.message)
+    e = assert_raise(Fluent::ConfigError) { driver(config("s", "metrics_upload_interval 0.5")) }
+    assert_match(/at least 1 second/, e.message)
+    assert_raise(Fluent::ConfigError) { driver(config("s", "metrics_level verbose")) }
     d = driver(config("s", "batch_request_max_count 100000\nbatch_request_max_size 1m"))
     assert_equal 500, d.instance.batch_request_max_count
   end

@@ -120,7 +120,7 @@ sent =
       "credentials" => { "type" => "static" }.merge(credentials)
     )
     formatter = native::Formatter.new("format" => "json", "max_record_size" => 1024 * 1024)
-    result = producer.start_chunk(stream, formatter, chunk, "apache.access", nil, nil, "0123456789abcdef".b).wait
+    result = producer.start_chunk(stream, formatter, chunk, "apache.access", nil, nil, "0123456789abcdef".b, Time.now.to_f).wait
     producer.close
     fail!("failures: #{result['failures'].first(3).inspect}") unless result["failures"].empty?
     fail!("delivered #{result['delivered_count']} of #{events}") unless result["delivered_count"] == events

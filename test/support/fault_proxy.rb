@@ -15,6 +15,7 @@ require "timeout"
 #                                        throttled and not forwarded
 #   proxy.clear                          back to forwarding untouched (no shard limit either)
 #   proxy.stats                          {"requests" => {"PutRecords" => n}, "faults_injected" => n, ...}
+#   proxy.stats["access_keys"]           {"AKID" => {"PutRecords" => n, ...}}: who signed the calls
 #
 # Faults: "status 500|503", "throttle_request", "partial_throttle F", "partial_internal_failure F",
 # "reset", "delay_ms MS". A call with no queued fault gets the first #sometimes fault whose roll
@@ -87,7 +88,8 @@ class FaultProxy
   # the gauges in_flight_put_entries and in_flight_user_records: the PutRecords entries, and the
   # user records in them, of the calls received and not answered yet (delayed ones and those
   # waiting for Kinesis included; a call counts until the proxy is done with it, even if the
-  # client gave up).
+  # client gave up); access_keys: the calls per access key id of their SigV4 signature
+  # ("(unsigned)" for calls without one), then per operation.
   def stats
     command("stats")
   end

@@ -163,7 +163,8 @@ class FluentdProcess
     buffer_lines.concat(buffer.map { |k, v| "#{k} #{v}" })
     parts << section("match #{match || tag}",
                      ["@type kinesis_streams_aggregated", "stream_name #{stream}", "region #{region}", "endpoint #{endpoint}",
-                      "aws_key_id #{aws_key_id}", "aws_sec_key #{aws_sec_key}", *lines(plugin),
+                      *("aws_key_id #{aws_key_id}" if aws_key_id), *("aws_sec_key #{aws_sec_key}" if aws_sec_key),
+                      *lines(plugin),
                       section(chunk_keys ? "buffer #{Array(chunk_keys).join(",")}" : "buffer", buffer_lines)])
     parts << error_label(error_file) if error_file
     parts << extra.to_s unless extra.to_s.empty?

@@ -7,11 +7,13 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kinesis_core::batch::RecordBatch;
 use kinesis_core::cancel::CancelToken;
 use kinesis_core::config::{Credentials, KeyMode, ProducerConfig};
+use kinesis_core::metrics::{Granularity, Level, Metrics, MetricsConfig};
 use kinesis_core::producer::Producer;
 
 fn cpu_seconds() -> f64 {
@@ -60,7 +62,7 @@ fn main() {
         .unwrap();
     let k = support::Kinesalite::start();
     let shards = 4;
-    for (label, mode, keys) in [
+    let modes = [
         (
             "random key per aggregate",
             KeyMode::RandomPerAggregate,
@@ -71,7 +73,13 @@ fn main() {
             KeyMode::PerRecord,
             Some(200),
         ),
-    ] {
+    ];
+    // Each mode without metrics, then with the KPL metrics at their most detailed (recorded,
+    // not uploaded: what the write path pays).
+    for (label, mode, keys, metrics) in modes
+        .iter()
+        .flat_map(|(l, m, k)| [(l, m.clone(), *k, false), (l, m.clone(), *k, true)])
+    {
         let n = 200_000;
         let mut batch = RecordBatch::default();
         for i in 0..n {
@@ -94,7 +102,17 @@ fn main() {
         let (o, wall, cpu) = rt.block_on(async {
             let stream = support::unique_stream_name("bench");
             support::create_stream(&support::client(&k.endpoint()).await, &stream, shards).await;
-            let producer = Producer::new(cfg).await.unwrap();
+            let mut producer = Producer::new(cfg).await.unwrap();
+            if metrics {
+                producer = producer.with_metrics(Arc::new(Metrics::new(
+                    MetricsConfig {
+                        level: Level::Detailed,
+                        granularity: Granularity::Shard,
+                        ..MetricsConfig::default()
+                    },
+                    None,
+                )));
+            }
             producer.check_stream(&stream).await.unwrap();
             let idx: Vec<u32> = (0..n as u32).collect();
             let cpu0 = cpu_seconds();
@@ -108,7 +126,12 @@ fn main() {
         let c = &o.counters;
         let min_units = payload.div_ceil(25 * 1024);
         println!(
-            "== {label}: {n} user records, {:.1} MB payload, {shards} shards",
+            "== {label}{}: {n} user records, {:.1} MB payload, {shards} shards",
+            if metrics {
+                ", metrics detailed per shard"
+            } else {
+                ""
+            },
             payload as f64 / 1e6
         );
         println!(

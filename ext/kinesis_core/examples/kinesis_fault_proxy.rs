@@ -20,7 +20,8 @@
 //! stats             {"requests":{"PutRecords":n,...},"faults_injected":n,"entries_throttled":n,
 //!                    "entries_over_shard_limit":n,"entries_internal_failure":n,
 //!                    "entries_forwarded":n,"user_records_forwarded":n,
-//!                    "in_flight_put_entries":n,"in_flight_user_records":n,"pending":n}
+//!                    "in_flight_put_entries":n,"in_flight_user_records":n,"pending":n,
+//!                    "access_keys":{"AKID":{"PutRecords":n,...},...}}
 //! ```
 //!
 //! FAULT is `status 500`, `throttle_request`, `partial_throttle 0.5`,
@@ -30,8 +31,9 @@
 //! accepted. in_flight_put_entries and in_flight_user_records are gauges: the PutRecords entries,
 //! and the user records in them, of the requests received and not answered yet (delayed ones and
 //! those waiting for kinesalite included; a request counts until the proxy is done with it, even
-//! if its client gave up). The shard limit is explained in tests/support/fault_proxy.rs
-//! (`ProxyHandle::shard_limit`).
+//! if its client gave up). access_keys counts the requests per access key id that signed them
+//! (the SigV4 Authorization header's Credential; "(unsigned)" without one), then per operation.
+//! The shard limit is explained in tests/support/fault_proxy.rs (`ProxyHandle::shard_limit`).
 //! The proxy exits when stdin closes.
 //!
 //! `cargo run -p kinesis_core --example kinesis_fault_proxy -- http://127.0.0.1:4567`
@@ -81,6 +83,7 @@ fn stats(proxy: &ProxyHandle) -> Value {
         "user_records_forwarded": s.user_records_forwarded,
         "in_flight_put_entries": s.in_flight_put_entries,
         "in_flight_user_records": s.in_flight_user_records,
+        "access_keys": s.access_keys,
         "pending": proxy.pending(),
     })
 }

@@ -80,6 +80,17 @@ fn boxed(
     SharedCredentialsProvider::new(p)
 }
 
+/// The settings credentials providers calling AWS (STS) use: the plugin's region and HTTP
+/// client. (IMDS and the ECS endpoint are local and keep their own clients, never proxied.)
+fn provider_config(sdk: &SdkConfig) -> aws_config::provider_config::ProviderConfig {
+    let mut c =
+        aws_config::provider_config::ProviderConfig::default().with_region(sdk.region().cloned());
+    if let Some(http) = sdk.http_client() {
+        c = c.with_http_client(http);
+    }
+    c
+}
+
 /// Resolves the configured credentials into a provider. `None` means the default chain.
 // ProfileFiles is the name aws-config's own builder takes; its replacement lives in a crate we
 // would otherwise not depend on.
@@ -96,7 +107,6 @@ fn credentials_provider<'a>(
 > {
     Box::pin(async move {
         use aws_config::profile::profile_file::{ProfileFileKind, ProfileFiles};
-        use aws_config::provider_config::ProviderConfig;
         Ok(match creds {
             Credentials::DefaultChain => None,
             Credentials::Static {
@@ -111,7 +121,10 @@ fn credentials_provider<'a>(
                 "fluent-plugin-kinesis-rs-static",
             ))),
             Credentials::Profile { path, profile_name } => {
-                let mut b = aws_config::profile::ProfileFileCredentialsProvider::builder();
+                // A profile may assume a role: its STS calls go through the plugin's HTTP
+                // client (proxy, CA file, timeouts) like every other call.
+                let mut b = aws_config::profile::ProfileFileCredentialsProvider::builder()
+                    .configure(&provider_config(sdk));
                 if let Some(path) = path {
                     b = b.profile_files(
                         ProfileFiles::builder()
@@ -137,6 +150,10 @@ fn credentials_provider<'a>(
                 let mut sts_conf = sdk.clone().into_builder();
                 if let Some(url) = sts_endpoint {
                     sts_conf = sts_conf.endpoint_url(url);
+                    // Set here, it must win over AWS_ENDPOINT_URL(_STS) and profile endpoints,
+                    // which the STS client prefers to settings of unknown origin.
+                    sts_conf
+                        .insert_origin("endpoint_url", aws_types::origin::Origin::shared_config());
                 }
                 if let Some(r) = sts_region {
                     sts_conf = sts_conf.region(Region::new(r.clone()));
@@ -168,7 +185,7 @@ fn credentials_provider<'a>(
             } => {
                 let mut b =
                     aws_config::web_identity_token::WebIdentityTokenCredentialsProvider::builder()
-                        .configure(&ProviderConfig::default().with_region(sdk.region().cloned()))
+                        .configure(&provider_config(sdk))
                         .static_configuration(
                             aws_config::web_identity_token::StaticConfiguration {
                                 web_identity_token_file: token_file.into(),
@@ -218,17 +235,19 @@ fn credentials_provider<'a>(
     })
 }
 
-/// Builds a Kinesis client for `config`. Needs a tokio runtime.
-pub async fn build_client(config: &ProducerConfig) -> Result<aws_sdk_kinesis::Client, String> {
+/// The clients a producer talks through. They share one credentials provider (and so one
+/// credentials cache) and one HTTP client.
+pub struct Clients {
+    pub kinesis: aws_sdk_kinesis::Client,
+    /// Only when CloudWatch metrics are on.
+    pub cloudwatch: Option<aws_sdk_cloudwatch::Client>,
+}
+
+/// Builds the clients for `config`. Needs a tokio runtime.
+pub async fn build_clients(config: &ProducerConfig) -> Result<Clients, String> {
     let http = http_client(config)?;
     let sdk = base_config(config, http).await;
-    let mut b = aws_sdk_kinesis::config::Builder::from(&sdk);
-    if let Some(provider) = credentials_provider(&config.credentials, &sdk).await? {
-        b = b.credentials_provider(provider);
-    }
-    if let Some(endpoint) = &config.endpoint {
-        b = b.endpoint_url(endpoint);
-    }
+    let provider = credentials_provider(&config.credentials, &sdk).await?;
     if sdk.region().is_none() {
         return Err("no AWS region: set `region` (or AWS_REGION)".into());
     }
@@ -238,8 +257,36 @@ pub async fn build_client(config: &ProducerConfig) -> Result<aws_sdk_kinesis::Cl
     };
     let app = aws_config::AppName::new(sanitize_app_name(&suffix))
         .map_err(|e| format!("user agent: {e}"))?;
-    b = b.app_name(app);
-    Ok(aws_sdk_kinesis::Client::from_conf(b.build()))
+
+    let mut b = aws_sdk_kinesis::config::Builder::from(&sdk).app_name(app.clone());
+    // The same SharedCredentialsProvider, not a new wrapper as `credentials_provider` makes:
+    // it keys the config's one identity cache, so Kinesis and CloudWatch share cached
+    // credentials and refresh them once.
+    b.set_credentials_provider(provider.clone());
+    if let Some(endpoint) = &config.endpoint {
+        b = b.endpoint_url(endpoint);
+    }
+    let kinesis = aws_sdk_kinesis::Client::from_conf(b.build());
+
+    let cloudwatch = config.metrics.enabled().then(|| {
+        let m = &config.metrics;
+        let mut b = aws_sdk_cloudwatch::config::Builder::from(&sdk)
+            .app_name(app)
+            .disable_request_compression(!m.request_compression);
+        // The same provider as Kinesis's: the same credentials cache entry.
+        b.set_credentials_provider(provider.clone());
+        if let Some(endpoint) = &m.endpoint {
+            b = b.endpoint_url(endpoint);
+        }
+        if let Some(region) = &m.region {
+            b = b.region(Region::new(region.clone()));
+        }
+        aws_sdk_cloudwatch::Client::from_conf(b.build())
+    });
+    Ok(Clients {
+        kinesis,
+        cloudwatch,
+    })
 }
 
 /// The SDK's app name allows a restricted character set: keep what it allows.

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::kpl::DEFAULT_MAX_RECORD_BYTES;
+use crate::metrics::MetricsConfig;
 
 /// PutRecords' own limits.
 pub const MAX_ENTRIES_PER_REQUEST: usize = 500;
@@ -118,6 +119,8 @@ pub struct ProducerConfig {
     pub key_mode: KeyMode,
     /// Text appended to the SDK's user agent.
     pub user_agent_suffix: Option<String>,
+    /// The KPL's CloudWatch metrics (off by default).
+    pub metrics: MetricsConfig,
 }
 
 impl Default for ProducerConfig {
@@ -143,6 +146,7 @@ impl Default for ProducerConfig {
             deadline: Duration::from_secs(120),
             key_mode: KeyMode::RandomPerAggregate,
             user_agent_suffix: None,
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -174,6 +178,7 @@ impl ProducerConfig {
         if self.concurrency == 0 {
             return Err("request concurrency must be at least 1".into());
         }
+        self.metrics.validate()?;
         if let KeyMode::Fixed(k) = &self.key_mode {
             crate::hashkey::validate_partition_key(k)
                 .map_err(|e| format!("fixed_partition_key: {e}"))?;

@@ -3,6 +3,7 @@
 //! event.
 
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use crate::batch::RecordBatch;
 use crate::cancel::{on_drop, CancelToken};
@@ -118,6 +119,7 @@ impl Progress {
 impl Delivery {
     /// Starts delivering `job` on `runtime`. `previously`: events an earlier attempt delivered
     /// or refused, which are skipped. `file`: where to persist progress (file buffers).
+    /// `arrived`: when the chunk was created (its events' arrival, for the BufferingTime metric).
     pub fn start(
         runtime: &tokio::runtime::Runtime,
         producer: Arc<Producer>,
@@ -125,6 +127,7 @@ impl Delivery {
         job: Job,
         previously: Option<EventBits>,
         file: Option<ProgressFile>,
+        arrived: SystemTime,
     ) -> Arc<Delivery> {
         let delivery = Arc::new(Delivery {
             stop: CancelToken::new(),
@@ -141,34 +144,21 @@ impl Delivery {
             // Fires even if the delivery panics, so its waiter is never left waiting.
             let _finished = on_drop(|| d.finished.cancel());
             let previously = previously.as_ref();
+            let target = Target {
+                producer: &producer,
+                stream: &stream,
+                arrived,
+            };
             let result = match job {
                 Job::Chunk { spec, chunk, tag } => {
-                    deliver_chunk(
-                        &producer,
-                        &stream,
-                        &spec,
-                        &chunk,
-                        tag.as_deref(),
-                        previously,
-                        &d,
-                    )
-                    .await
+                    deliver_chunk(&target, &spec, &chunk, tag.as_deref(), previously, &d).await
                 }
                 Job::Records {
                     batch,
                     events,
                     event_count,
                     refused,
-                } => Ok(deliver_records(
-                    &producer,
-                    &stream,
-                    batch,
-                    &events,
-                    event_count,
-                    refused,
-                    &d,
-                )
-                .await),
+                } => Ok(deliver_records(&target, batch, &events, event_count, refused, &d).await),
             };
             *d.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
         });
@@ -214,11 +204,17 @@ impl Delivery {
     }
 }
 
+/// Where a chunk goes, and when its events arrived.
+struct Target<'a> {
+    producer: &'a Producer,
+    stream: &'a str,
+    arrived: SystemTime,
+}
+
 /// Formats and delivers a chunk in fluentd's standard format. `FormatError::NeedsRuby` means the
 /// plugin must format this chunk itself and deliver [`Job::Records`].
 async fn deliver_chunk(
-    producer: &Producer,
-    stream: &str,
+    target: &Target<'_>,
     spec: &FormatSpec,
     chunk: &[u8],
     tag: Option<&str>,
@@ -229,8 +225,7 @@ async fn deliver_chunk(
     let formatted = format_chunk(spec, chunk, tag, &skip)?;
     let scrubbed = formatted.scrubbed;
     let mut outcome = deliver_records(
-        producer,
-        stream,
+        target,
         formatted.batch,
         &formatted.events,
         formatted.event_count,
@@ -245,8 +240,7 @@ async fn deliver_chunk(
 /// Delivers user records already formatted; `events[i]` is the chunk event of record `i`.
 /// `refused`: events found unsendable before delivery (formatting), reported with the rest.
 async fn deliver_records(
-    producer: &Producer,
-    stream: &str,
+    target: &Target<'_>,
     batch: RecordBatch,
     events: &[u32],
     event_count: u32,
@@ -258,8 +252,16 @@ async fn deliver_records(
     let on_delivered = move |members: &[u32]| {
         progress.record(members.iter().map(|&m| events[m as usize]));
     };
-    let result = producer
-        .put(stream, &batch, &indexes, &delivery.stop, &on_delivered)
+    let result = target
+        .producer
+        .put_buffered_since(
+            target.stream,
+            &batch,
+            &indexes,
+            &delivery.stop,
+            &on_delivered,
+            target.arrived,
+        )
         .await;
     // What earlier attempts delivered or refused, plus every record this one delivered (the
     // progress callback saw each of them).

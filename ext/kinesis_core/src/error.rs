@@ -1,6 +1,6 @@
 //! How a failed delivery is classified, and what a person should do about it.
 
-use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
 
 /// What kind of failure kept a record from being delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -129,11 +129,28 @@ pub fn classify_code(code: &str, http_status: Option<u16>, message: &str) -> Fai
     Failure::new(kind, code, message)
 }
 
+/// An error and its causes, joined by ": ", each by its Display form only. The SDK's Debug
+/// forms (which `DisplayErrorContext` appends) carry raw HTTP responses, whose bodies can hold
+/// credentials (an IMDS session token, an STS answer): they never reach a log.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
 /// Classifies an error the SDK returned for a whole call.
 pub fn classify_sdk_error<E, R>(err: &SdkError<E, R>) -> Failure
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug + HasStatus,
+    R: std::fmt::Debug + HasStatus + 'static,
 {
     match err {
         SdkError::ServiceError(se) => {
@@ -142,13 +159,13 @@ where
             let message = e
                 .message()
                 .map(str::to_string)
-                .unwrap_or_else(|| DisplayErrorContext(e).to_string());
+                .unwrap_or_else(|| error_chain(e));
             classify_code(e.code().unwrap_or(""), Some(status), &message)
         }
         SdkError::TimeoutError(_) => Failure::new(
             FailureKind::Transient,
             "Timeout",
-            format!("the request timed out: {}", DisplayErrorContext(err)),
+            format!("the request timed out: {}", error_chain(err)),
         ),
         SdkError::DispatchFailure(d) => {
             let code = if d.is_timeout() {
@@ -158,29 +175,22 @@ where
             } else {
                 "DispatchFailure"
             };
-            Failure::new(FailureKind::Transient, code, format!("the request could not be sent (check endpoint, network, proxy and credentials): {}", DisplayErrorContext(err)))
+            Failure::new(FailureKind::Transient, code, format!("the request could not be sent (check endpoint, network, proxy and credentials): {}", error_chain(err)))
         }
         SdkError::ResponseError(_) => Failure::new(
             FailureKind::Transient,
             "ResponseError",
-            format!(
-                "the response could not be read: {}",
-                DisplayErrorContext(err)
-            ),
+            format!("the response could not be read: {}", error_chain(err)),
         ),
         SdkError::ConstructionFailure(_) => Failure::new(
             FailureKind::NeedsAttention,
             "ConstructionFailure",
             format!(
                 "the request could not be built (check credentials and region): {}",
-                DisplayErrorContext(err)
+                error_chain(err)
             ),
         ),
-        _ => Failure::new(
-            FailureKind::Transient,
-            "UnknownError",
-            DisplayErrorContext(err).to_string(),
-        ),
+        _ => Failure::new(FailureKind::Transient, "UnknownError", error_chain(err)),
     }
 }
 

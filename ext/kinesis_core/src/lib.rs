@@ -10,6 +10,7 @@ pub mod delivery;
 pub mod error;
 pub mod hashkey;
 pub mod kpl;
+pub mod metrics;
 pub mod msgpack;
 pub mod producer;
 pub mod progress;

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardFilter, ShardFilterType};
@@ -16,6 +16,7 @@ use crate::cancel::CancelToken;
 use crate::config::{KeyMode, ProducerConfig};
 use crate::error::{classify_code, classify_sdk_error, Failure, FailureKind};
 use crate::hashkey::partition_key_hash;
+use crate::metrics::{Metrics, Name, Observations, Stats};
 use crate::rate_limit::ShardRateLimiter;
 use crate::shard_map::{Shard, ShardMap};
 
@@ -201,6 +202,8 @@ pub struct Producer {
     /// Set when fluentd shuts down: until then, deliveries keep retrying past `max_retries`
     /// and their own deadline, so a stop drains what is buffered (see [`Producer::begin_drain`]).
     drain_until: Mutex<Option<Instant>>,
+    /// CloudWatch metrics, when `metrics_level` is not none.
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// Called with the user records (batch indexes) each PutRecords response confirmed, as soon as
@@ -217,8 +220,25 @@ impl Producer {
     /// Builds the client. Must run on a tokio runtime (see [`crate::runtime::runtime`]).
     pub async fn new(config: ProducerConfig) -> Result<Self, String> {
         config.validate()?;
-        let client = crate::client::build_client(&config).await?;
-        Ok(Self::with_client(client, config))
+        let clients = crate::client::build_clients(&config).await?;
+        let metrics = clients.cloudwatch.map(|cw| {
+            let m = Arc::new(Metrics::new(config.metrics.clone(), Some(cw)));
+            m.spawn_uploader();
+            m
+        });
+        let mut producer = Self::with_client(clients.kinesis, config);
+        producer.metrics = metrics;
+        Ok(producer)
+    }
+
+    /// Measures into `metrics` (tests; [`Producer::new`] sets them up from the config).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.metrics.as_ref()
     }
 
     pub fn with_client(client: aws_sdk_kinesis::Client, config: ProducerConfig) -> Self {
@@ -229,6 +249,7 @@ impl Producer {
             streams: Mutex::new(HashMap::new()),
             limiter,
             drain_until: Mutex::new(None),
+            metrics: None,
         }
     }
 
@@ -413,6 +434,28 @@ impl Producer {
         stop: &CancelToken,
         on_delivered: OnDelivered<'_>,
     ) -> BatchOutcome {
+        self.put_buffered_since(
+            stream,
+            batch,
+            indexes,
+            stop,
+            on_delivered,
+            SystemTime::now(),
+        )
+        .await
+    }
+
+    /// [`Producer::put`] for records that arrived in the buffer at `arrived` (the chunk's
+    /// creation): the `BufferingTime` metric measures from there to delivery.
+    pub async fn put_buffered_since(
+        &self,
+        stream: &str,
+        batch: &RecordBatch,
+        indexes: &[u32],
+        stop: &CancelToken,
+        on_delivered: OnDelivered<'_>,
+        arrived: SystemTime,
+    ) -> BatchOutcome {
         let outcome = Mutex::new(BatchOutcome::new(batch.len()));
         {
             let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
@@ -421,20 +464,49 @@ impl Producer {
             }
             o.counters.user_records = indexes.len() as u64;
         }
+        let metrics = self.metrics.as_deref();
+        if let Some(m) = metrics {
+            let mut obs = Observations::default();
+            obs.add(
+                Name::UserRecordsReceived,
+                None,
+                None,
+                Stats::repeated(1.0, indexes.len()),
+            );
+            m.record(stream, &obs);
+            m.pending(stream, indexes.len() as i64);
+        }
         let sink = Sink {
             outcome: &outcome,
             on_delivered,
+            metrics,
+            stream,
+            batch,
+            arrived,
         };
         self.deliver(stream, batch, indexes, &sink, stop).await;
-        let mut o = outcome.into_inner().unwrap_or_else(|p| p.into_inner());
-        if o.status.contains(&RecordStatus::Pending) {
-            let f = cancelled();
-            let i = o.failure_index(&f);
-            for s in o.status.iter_mut().filter(|s| **s == RecordStatus::Pending) {
-                *s = RecordStatus::Failed(i);
+        // Records never sent (the delivery was stopped before their turn).
+        let unsent: Vec<u32> = {
+            let mut o = sink.lock();
+            let unsent: Vec<u32> = (0..o.status.len() as u32)
+                .filter(|&i| o.status[i as usize] == RecordStatus::Pending)
+                .collect();
+            if !unsent.is_empty() {
+                let i = o.failure_index(&cancelled());
+                for &u in &unsent {
+                    o.status[u as usize] = RecordStatus::Failed(i);
+                }
             }
+            unsent
+        };
+        sink.observe_failed(&unsent, None, 0);
+        if let Some(m) = metrics {
+            m.pending(stream, -(indexes.len() as i64));
         }
-        o.finish()
+        outcome
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .finish()
     }
 
     async fn deliver(
@@ -453,7 +525,7 @@ impl Producer {
         let mut pending: Vec<u32> = indexes.to_vec();
         let mut map = match self.shard_map(stream).await {
             Ok(m) => m,
-            Err(f) => return sink.lock().fail(&pending, &f),
+            Err(f) => return sink.fail(&pending, &f, None, 0),
         };
         for round in 0.. {
             let (records, refused) = plan(batch, &pending, &self.config.key_mode, &map.0, &limits);
@@ -495,33 +567,36 @@ impl Producer {
             }
             pending = Vec::new();
             let mut confirmed = Vec::new();
-            for (record, landed) in misrouted {
+            let mut obs = Observations::default();
+            for (record, landed) in &misrouted {
                 let shard = refreshed
                     .as_ref()
                     .ok()
-                    .and_then(|m| m.0.by_id(&landed).cloned());
+                    .and_then(|m| m.0.by_id(landed).cloned());
                 if shard.is_some_and(|s| all_within(batch, &record.members, &s)) {
                     confirmed.extend_from_slice(&record.members);
+                    sink.observe_delivered(&mut obs, &record.members, Some(landed), 0);
                 } else {
                     pending.extend_from_slice(&record.members);
                 }
             }
+            sink.record(&obs);
             sink.delivered(&confirmed);
             match refreshed {
                 Ok(m) => map = m,
-                Err(f) => return sink.lock().fail(&pending, &f),
+                Err(f) => return sink.fail(&pending, &f, None, 0),
             }
             if pending.is_empty() {
                 return;
             }
             if stop.is_cancelled() {
-                return sink.lock().fail(&pending, &cancelled());
+                return sink.fail(&pending, &cancelled(), None, 0);
             }
             if round + 1 >= MAX_RESEND_ROUNDS
                 || Instant::now() >= self.deadline_with_drain(deadline)
             {
                 let f = Failure::new(FailureKind::Transient, "ShardMapChanged", format!("aggregates kept landing on unexpected shards after {} re-plans (the stream is being resharded); retry later", round + 1));
-                return sink.lock().fail(&pending, &f);
+                return sink.fail(&pending, &f, None, 0);
             }
             sink.lock().counters.resent_user_records += pending.len() as u64;
         }
@@ -540,11 +615,16 @@ impl Producer {
         let mut todo: Vec<usize> = (0..records.len()).collect();
         let mut attempt: u32 = 0;
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
-        // Records not sent because the caller stopped the delivery.
-        let abandon = |todo: &[usize]| {
-            let mut o = sink.lock();
+        // Records not sent (again) because the caller stopped the delivery, after `attempts`.
+        let abandon = |todo: &[usize], attempts: u32| {
             for &e in todo {
-                o.fail(&records[e].members, &cancelled());
+                let r = &records[e];
+                sink.fail(
+                    &r.members,
+                    &cancelled(),
+                    known_shard(map, r.shard),
+                    attempts.saturating_sub(1),
+                );
             }
         };
         loop {
@@ -567,7 +647,7 @@ impl Producer {
                 }
             }
             if stop.is_cancelled() {
-                abandon(&todo);
+                abandon(&todo, attempt);
                 return RequestResult { misrouted };
             }
             let entries: Vec<PutRecordsRequestEntry> = todo
@@ -591,15 +671,43 @@ impl Producer {
             }
             let mut failed: Vec<(usize, Failure)> = Vec::new();
             let mut any_success = false;
+            let sent_at = Instant::now();
             // Sent requests are never cancelled: their outcome is always read and kept.
-            match self
+            let response = self
                 .client
                 .put_records()
                 .stream_name(stream)
                 .set_records(Some(entries))
                 .send()
-                .await
-            {
+                .await;
+            let mut obs = Observations::default();
+            if sink.metrics.is_some() {
+                let elapsed_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
+                obs.add(Name::RequestTime, None, None, Stats::one(elapsed_ms));
+                obs.add(
+                    Name::KinesisRecordsPerPutRecordsRequest,
+                    None,
+                    None,
+                    Stats::one(todo.len() as f64),
+                );
+                let users: usize = todo.iter().map(|&e| records[e].members.len()).sum();
+                obs.add(
+                    Name::UserRecordsPerPutRecordsRequest,
+                    None,
+                    None,
+                    Stats::one(users as f64),
+                );
+                for &e in &todo {
+                    let r = &records[e];
+                    obs.add(
+                        Name::UserRecordsPerKinesisRecord,
+                        None,
+                        known_shard(map, r.shard),
+                        Stats::one(r.members.len() as f64),
+                    );
+                }
+            }
+            match &response {
                 Ok(resp) => {
                     let results = resp.records();
                     let mut confirmed = Vec::new();
@@ -616,19 +724,41 @@ impl Producer {
                             ));
                             continue;
                         };
+                        let predicted = known_shard(map, r.shard);
                         if let Some(code) = res.error_code() {
                             let f = classify_code(code, None, res.error_message().unwrap_or(""));
                             if f.kind == FailureKind::Throttled {
                                 sink.lock().counters.throttled_entries += 1;
                             }
+                            if sink.metrics.is_some() {
+                                obs.add(Name::KinesisRecordsPut, None, predicted, Stats::one(0.0));
+                                obs.add(Name::ErrorsByCode, Some(code), predicted, Stats::one(1.0));
+                                obs.add(Name::AllErrors, None, predicted, Stats::one(1.0));
+                            }
                             failed.push((e, f));
                             continue;
                         }
                         any_success = true;
+                        if sink.metrics.is_some() {
+                            obs.add(Name::KinesisRecordsPut, None, predicted, Stats::one(1.0));
+                            obs.add(
+                                Name::KinesisRecordsDataPut,
+                                None,
+                                predicted,
+                                Stats::one(r.data.len() as f64),
+                            );
+                            obs.add(Name::AllErrors, None, predicted, Stats::one(0.0));
+                        }
                         let landed = res.shard_id().unwrap_or("");
                         if !r.lands_safely_anywhere && landed != shard_id(map, r.shard) {
                             misrouted.push((r.clone(), landed.to_string()));
                         } else {
+                            sink.observe_delivered(
+                                &mut obs,
+                                &r.members,
+                                Some(landed).filter(|l| !l.is_empty()).or(predicted),
+                                attempt,
+                            );
                             confirmed.extend_from_slice(&r.members);
                             let mut o = sink.lock();
                             o.counters.bytes_delivered += r.billed_size() as u64;
@@ -636,10 +766,16 @@ impl Producer {
                                 r.billed_size().div_ceil(25 * 1024) as u64;
                         }
                     }
+                    sink.record(&obs);
                     sink.delivered(&confirmed);
                 }
                 Err(err) => {
-                    let f = classify_sdk_error(&err);
+                    let f = classify_sdk_error(err);
+                    if sink.metrics.is_some() {
+                        obs.add(Name::ErrorsByCode, Some(&f.code), None, Stats::one(1.0));
+                        obs.add(Name::AllErrors, None, None, Stats::one(1.0));
+                        sink.record(&obs);
+                    }
                     let mut o = sink.lock();
                     o.counters.request_errors += 1;
                     if f.kind == FailureKind::Throttled {
@@ -656,7 +792,8 @@ impl Producer {
                 .into_iter()
                 .partition(|(_, f)| f.kind.is_retryable_now());
             for (e, f) in hopeless {
-                sink.lock().fail(&records[e].members, &f);
+                let r = &records[e];
+                sink.fail(&r.members, &f, known_shard(map, r.shard), attempt);
             }
             if retry.is_empty() {
                 return RequestResult { misrouted };
@@ -685,7 +822,8 @@ impl Producer {
             if let Some(why) = give_up {
                 for (e, f) in retry {
                     let f = Failure::new(f.kind, f.code, format!("{} ({why})", f.message));
-                    sink.lock().fail(&records[e].members, &f);
+                    let r = &records[e];
+                    sink.fail(&r.members, &f, known_shard(map, r.shard), attempt - 1);
                 }
                 return RequestResult { misrouted };
             }
@@ -693,7 +831,7 @@ impl Producer {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = stop.cancelled() => {
-                    abandon(&todo);
+                    abandon(&todo, attempt);
                     return RequestResult { misrouted };
                 }
             }
@@ -705,6 +843,11 @@ impl Producer {
 struct Sink<'a> {
     outcome: &'a Mutex<BatchOutcome>,
     on_delivered: OnDelivered<'a>,
+    metrics: Option<&'a Metrics>,
+    stream: &'a str,
+    batch: &'a RecordBatch,
+    /// When the records arrived in fluentd's buffer.
+    arrived: SystemTime,
 }
 
 impl Sink<'_> {
@@ -720,6 +863,70 @@ impl Sink<'_> {
         self.lock().deliver(members);
         (self.on_delivered)(members);
     }
+
+    /// Marks records failed for good, and measures them.
+    fn fail(&self, members: &[u32], f: &Failure, shard: Option<&str>, retries: u32) {
+        self.lock().fail(members, f);
+        self.observe_failed(members, shard, retries);
+    }
+
+    fn observe_failed(&self, members: &[u32], shard: Option<&str>, retries: u32) {
+        if self.metrics.is_none() || members.is_empty() {
+            return;
+        }
+        let n = members.len();
+        let mut obs = Observations::default();
+        obs.add(Name::UserRecordsPut, None, shard, Stats::repeated(0.0, n));
+        obs.add(
+            Name::RetriesPerRecord,
+            None,
+            shard,
+            Stats::repeated(retries as f64, n),
+        );
+        self.record(&obs);
+    }
+
+    /// The user-record metrics of records a response delivered to `shard`.
+    fn observe_delivered<'o>(
+        &self,
+        obs: &mut Observations<'o>,
+        members: &[u32],
+        shard: Option<&'o str>,
+        retries: u32,
+    ) {
+        let Some(m) = self.metrics else { return };
+        let n = members.len();
+        obs.add(Name::UserRecordsPut, None, shard, Stats::repeated(1.0, n));
+        if m.wants(Name::UserRecordsDataPut) {
+            let sizes = members
+                .iter()
+                .map(|&i| self.batch.data(i as usize).len() as f64);
+            if let Some(s) = Stats::of(sizes) {
+                obs.add(Name::UserRecordsDataPut, None, shard, s);
+            }
+        }
+        let buffered = SystemTime::now()
+            .duration_since(self.arrived)
+            .unwrap_or_default();
+        obs.add(
+            Name::BufferingTime,
+            None,
+            shard,
+            Stats::repeated(buffered.as_secs_f64() * 1000.0, n),
+        );
+        obs.add(
+            Name::RetriesPerRecord,
+            None,
+            shard,
+            Stats::repeated(retries as f64, n),
+        );
+    }
+
+    fn record(&self, obs: &Observations<'_>) {
+        if let Some(m) = self.metrics {
+            m.record(self.stream, obs);
+        }
+    }
 }
 
 fn cancelled() -> Failure {
@@ -728,6 +935,11 @@ fn cancelled() -> Failure {
         "Cancelled",
         "not sent: the wait for this delivery was abandoned (thread killed or raised); fluentd sends these records again",
     )
+}
+
+/// The predicted shard's id, when the map was listed (for metrics' ShardId dimension).
+fn known_shard(map: &ShardMap, index: usize) -> Option<&str> {
+    Some(shard_id(map, index)).filter(|s| *s != UNKNOWN_SHARD)
 }
 
 fn shard_id(map: &ShardMap, index: usize) -> &str {

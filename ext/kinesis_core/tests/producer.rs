@@ -357,3 +357,99 @@ async fn failures_are_reported_not_dropped() {
     assert_eq!(o.counters.requests, 1, "nothing was sent after the stop");
     proxy.clear();
 }
+
+/// The KPL metrics a delivery records add up to its outcome and to what the stream holds, level
+/// by level, with throttled entries, a failed request and records that finally fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_add_up_to_the_outcome_and_the_stream() {
+    use kinesis_core::metrics::{Granularity, Level, Metrics, MetricsConfig, Name};
+    use std::sync::Arc;
+
+    let k = Kinesalite::start();
+    let proxy = FaultProxy::start(&k.endpoint()).await;
+    let stream = support::unique_stream_name("metrics");
+    support::create_stream(&support::client(&k.endpoint()).await, &stream, 4).await;
+    let mut cfg = config(&proxy.endpoint(), KeyMode::PerRecord);
+    cfg.aggregation_max_bytes = 8 * 1024;
+    cfg.batch_max_entries = 25;
+    cfg.max_retries = 1; // some records run out of retries
+    let metrics = Arc::new(Metrics::new(
+        MetricsConfig {
+            level: Level::Detailed,
+            granularity: Granularity::Shard,
+            ..MetricsConfig::default()
+        },
+        None,
+    ));
+    let producer = Producer::new(cfg)
+        .await
+        .unwrap()
+        .with_metrics(metrics.clone());
+    producer.check_stream(&stream).await.unwrap();
+    proxy.push(Fault::Status(500));
+    proxy.always(Fault::PartialThrottle(Entries::Fraction(0.5)));
+    let b = batch(3_000, Some(64));
+    let o = producer
+        .put(&stream, &b, &all(b.len()), &go(), &|_| {})
+        .await;
+    proxy.clear();
+    let c = &o.counters;
+    assert!(c.failed > 0 && c.delivered > 0, "{c:?}");
+    metrics.sample_pending();
+    let data = metrics.take();
+    let get = |name: Name, dims: &[(&str, &str)]| {
+        data.iter()
+            .find(|d| {
+                d.name == name
+                    && d.dimensions.len() == dims.len()
+                    && d.dimensions
+                        .iter()
+                        .zip(dims)
+                        .all(|(a, b)| a.0 == b.0 && a.1 == b.1)
+            })
+            .unwrap_or_else(|| panic!("no {name:?} {dims:?}"))
+            .stats
+    };
+    let s = [("StreamName", stream.as_str())];
+    let put = get(Name::UserRecordsPut, &s);
+    assert_eq!(put.sum as u64, c.delivered);
+    assert_eq!(put.count as u64, c.delivered + c.failed);
+    assert_eq!(get(Name::UserRecordsPut, &[]), put);
+    assert_eq!(get(Name::UserRecordsReceived, &s).sum as usize, b.len());
+    assert_eq!(get(Name::RetriesPerRecord, &s).count as usize, b.len());
+    assert_eq!(get(Name::UserRecordsPending, &s).max, 0.0);
+    let kput = get(Name::KinesisRecordsPut, &s);
+    assert_eq!((kput.count - kput.sum) as u64, c.throttled_entries);
+    let code = "ProvisionedThroughputExceededException";
+    assert_eq!(
+        get(
+            Name::ErrorsByCode,
+            &[("ErrorCode", code), ("StreamName", stream.as_str())]
+        )
+        .sum as u64,
+        c.throttled_entries
+    );
+    assert_eq!(
+        get(Name::AllErrors, &s).sum as u64,
+        c.throttled_entries + c.request_errors
+    );
+    assert_eq!(get(Name::RequestTime, &s).count as u64, c.requests);
+    // Per shard: what each shard of the stream holds.
+    let client = support::client(&k.endpoint()).await;
+    let mut per_shard: HashMap<String, u64> = HashMap::new();
+    for r in support::read_all(&client, &stream).await {
+        let users = match deaggregate(&r.data) {
+            Deaggregated::Aggregate(recs) => recs.len() as u64,
+            _ => 1,
+        };
+        *per_shard.entry(r.shard_id.clone()).or_default() += users;
+    }
+    assert_eq!(per_shard.len(), 4);
+    for (shard, users) in &per_shard {
+        let at = get(
+            Name::UserRecordsPut,
+            &[("StreamName", stream.as_str()), ("ShardId", shard.as_str())],
+        );
+        assert_eq!(at.sum as u64, *users, "{shard}");
+    }
+}

@@ -8,6 +8,7 @@ use kinesis_core::chunk::{
     ruby_time_format, Compression, DataFormat, FormatSpec, Inject, TimeType, TimeZoneSpec,
 };
 use kinesis_core::config::{Credentials, KeyMode, ProducerConfig};
+use kinesis_core::metrics::{Granularity, Level, MetricsConfig};
 
 use crate::errors::error_class;
 
@@ -143,6 +144,29 @@ fn credentials(ruby: &Ruby, o: &Opts) -> Result<Credentials, Error> {
     Ok(c)
 }
 
+/// The CloudWatch metrics settings (`metrics` sub-hash; off when absent).
+fn metrics_config(ruby: &Ruby, o: &Opts) -> Result<MetricsConfig, Error> {
+    let d = MetricsConfig::default();
+    let err = |e: String| config_error(ruby, e);
+    Ok(MetricsConfig {
+        level: match o.get::<String>("level")? {
+            Some(l) => Level::parse(&l).map_err(err)?,
+            None => d.level,
+        },
+        granularity: match o.get::<String>("granularity")? {
+            Some(g) => Granularity::parse(&g).map_err(err)?,
+            None => d.granularity,
+        },
+        namespace: o.get("namespace")?.unwrap_or(d.namespace),
+        upload_interval: o.secs("upload_interval")?.unwrap_or(d.upload_interval),
+        endpoint: o.get("endpoint")?,
+        region: o.get("region")?,
+        request_compression: o
+            .get("request_compression")?
+            .unwrap_or(d.request_compression),
+    })
+}
+
 /// The producer's configuration from the plugin's options.
 pub fn producer_config(ruby: &Ruby, hash: RHash) -> Result<ProducerConfig, Error> {
     let o = Opts::new(ruby, hash, "producer");
@@ -164,6 +188,14 @@ pub fn producer_config(ruby: &Ruby, hash: RHash) -> Result<ProducerConfig, Error
             creds
         }
         None => Credentials::DefaultChain,
+    };
+    let metrics = match o.sub("metrics")? {
+        Some(m) => {
+            let config = metrics_config(ruby, &m)?;
+            m.finish()?;
+            config
+        }
+        None => MetricsConfig::default(),
     };
     let max_record_bytes = o
         .get::<usize>("max_record_size")?
@@ -197,6 +229,7 @@ pub fn producer_config(ruby: &Ruby, hash: RHash) -> Result<ProducerConfig, Error
         deadline: o.secs("deadline")?.unwrap_or(d.deadline),
         key_mode,
         user_agent_suffix: o.get("user_agent")?,
+        metrics,
     };
     o.finish()?;
     config.validate().map_err(|e| config_error(ruby, e))?;

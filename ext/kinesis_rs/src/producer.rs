@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use magnus::{prelude::*, Error, RArray, RHash, RModule, RString, Ruby, TryConvert};
 use tokio::runtime::Runtime;
@@ -119,13 +119,16 @@ impl RbProducer {
         previously: Option<RString>,
         progress: Option<String>,
         chunk_id: RString,
+        created_at: f64,
     ) -> Result<RbDelivery, Error> {
         let job = Job::Chunk {
             spec: formatter.spec.clone(),
             chunk: bytes_of(chunk),
             tag,
         };
-        rb_self.start(ruby, stream, job, previously, progress, chunk_id)
+        rb_self.start(
+            ruby, stream, job, previously, progress, chunk_id, created_at,
+        )
     }
 
     /// Starts delivering records formatted in Ruby: `records` is an Array of
@@ -140,6 +143,7 @@ impl RbProducer {
         previously: Option<RString>,
         progress: Option<String>,
         chunk_id: RString,
+        created_at: f64,
     ) -> Result<RbDelivery, Error> {
         let mut batch = RecordBatch::with_capacity(records.len(), 0);
         let mut events = Vec::with_capacity(records.len());
@@ -168,9 +172,12 @@ impl RbProducer {
             event_count,
             refused,
         };
-        rb_self.start(ruby, stream, job, previously, progress, chunk_id)
+        rb_self.start(
+            ruby, stream, job, previously, progress, chunk_id, created_at,
+        )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start(
         &self,
         ruby: &Ruby,
@@ -179,12 +186,19 @@ impl RbProducer {
         previously: Option<RString>,
         progress: Option<String>,
         chunk_id: RString,
+        created_at: f64,
     ) -> Result<RbDelivery, Error> {
         let producer = self.producer(ruby)?;
         let previously = previously.map(|p| EventBits(bytes_of(p)));
         let file = progress_file(progress, chunk_id);
         let rt = rt(ruby)?;
-        let delivery = Delivery::start(&rt, producer, stream, job, previously, file);
+        // The chunk's creation time (Unix seconds): when its events arrived in the buffer.
+        let arrived = if created_at.is_finite() && created_at > 0.0 {
+            SystemTime::UNIX_EPOCH + Duration::from_secs_f64(created_at)
+        } else {
+            SystemTime::now()
+        };
+        let delivery = Delivery::start(&rt, producer, stream, job, previously, file, arrived);
         Ok(RbDelivery { inner: delivery })
     }
 
@@ -202,6 +216,53 @@ impl RbProducer {
             .producer(ruby)?
             .begin_drain(Duration::from_secs_f64(seconds));
         Ok(())
+    }
+
+    /// Stops the periodic CloudWatch uploads and sends what was measured since the last one,
+    /// waiting at most `seconds`. Returns the messages about failed uploads not yet taken.
+    fn flush_metrics(ruby: &Ruby, rb_self: &Self, seconds: f64) -> Result<Vec<String>, Error> {
+        let producer = rb_self.producer(ruby)?;
+        let Some(metrics) = producer.metrics().cloned() else {
+            return Ok(Vec::new());
+        };
+        let budget = Duration::from_secs_f64(if seconds.is_finite() {
+            seconds.max(0.0)
+        } else {
+            0.0
+        });
+        let m = metrics.clone();
+        let done = nogvl::run(ruby, &*rt(ruby)?, async move {
+            tokio::time::timeout(budget, m.shutdown()).await.is_ok()
+        })?;
+        let mut messages = metrics.take_messages();
+        if !done {
+            messages.push(format!("CloudWatch metrics: the final upload did not finish within {seconds} s; what it carried is dropped"));
+        }
+        Ok(messages)
+    }
+
+    /// Messages about failed CloudWatch uploads since the last call (at most one per upload).
+    fn metrics_messages(ruby: &Ruby, rb_self: &Self) -> Result<Vec<String>, Error> {
+        Ok(rb_self
+            .producer(ruby)?
+            .metrics()
+            .map(|m| m.take_messages())
+            .unwrap_or_default())
+    }
+
+    /// Upload counters (`{"requests" =>, "failed_requests" =>, "data_sent" =>, "data_dropped" =>}`),
+    /// nil when metrics are off.
+    fn metrics_counters(ruby: &Ruby, rb_self: &Self) -> Result<Option<RHash>, Error> {
+        let Some(m) = rb_self.producer(ruby)?.metrics().cloned() else {
+            return Ok(None);
+        };
+        let c = m.counters();
+        let h = ruby.hash_new();
+        h.aset("requests", c.requests)?;
+        h.aset("failed_requests", c.failed_requests)?;
+        h.aset("data_sent", c.data_sent)?;
+        h.aset("data_dropped", c.data_dropped)?;
+        Ok(Some(h))
     }
 
     /// Drops the client. Idempotent. Deliveries still running keep their own reference.
@@ -331,12 +392,24 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     let producer = native.define_class("Producer", ruby.class_object())?;
     producer.define_singleton_method("new", magnus::function!(RbProducer::new, 1))?;
     producer.define_method("check_stream", magnus::method!(RbProducer::check_stream, 1))?;
-    producer.define_method("start_chunk", magnus::method!(RbProducer::start_chunk, 7))?;
+    producer.define_method("start_chunk", magnus::method!(RbProducer::start_chunk, 8))?;
     producer.define_method(
         "start_records",
-        magnus::method!(RbProducer::start_records, 6),
+        magnus::method!(RbProducer::start_records, 7),
     )?;
     producer.define_method("begin_drain", magnus::method!(RbProducer::begin_drain, 1))?;
+    producer.define_method(
+        "flush_metrics",
+        magnus::method!(RbProducer::flush_metrics, 1),
+    )?;
+    producer.define_method(
+        "metrics_messages",
+        magnus::method!(RbProducer::metrics_messages, 0),
+    )?;
+    producer.define_method(
+        "metrics_counters",
+        magnus::method!(RbProducer::metrics_counters, 0),
+    )?;
     producer.define_method("close", magnus::method!(RbProducer::close, 0))?;
     producer.define_method("closed?", magnus::method!(RbProducer::is_closed, 0))?;
     let delivery = native.define_class("Delivery", ruby.class_object())?;

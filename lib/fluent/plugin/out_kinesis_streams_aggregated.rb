@@ -21,7 +21,7 @@ module Fluent
     class KinesisStreamsAggregatedRsOutput < Fluent::Plugin::Output
       Fluent::Plugin.register_output("kinesis_streams_aggregated", self)
 
-      helpers :formatter, :inject, :metrics, :event_emitter
+      helpers :formatter, :inject, :metrics, :event_emitter, :timer
 
       IMPLEMENTATION = "fluent-plugin-kinesis-rs #{FluentPluginKinesisRs::VERSION} (Rust extension)"
       DEFAULT_MAX_RECORD_SIZE = 1024 * 1024
@@ -180,10 +180,31 @@ module Fluent
            "(as String#scrub does; counted as kinesis_scrubbed), or error: send the record to the error stream."
       config_param :invalid_utf8, :enum, list: %i[replace error], default: :replace
 
+      desc "Producer metrics sent to Amazon CloudWatch, as the KPL sends them: none (no CloudWatch call at all), " \
+           "summary or detailed. Needs cloudwatch:PutMetricData."
+      config_param :metrics_level, :enum, list: %i[none summary detailed], default: :none
+      desc "Finest dimension of the metrics: global (none), stream (StreamName) or shard (StreamName and ShardId). " \
+           "Every metric is also sent at the coarser levels."
+      config_param :metrics_granularity, :enum, list: %i[global stream shard], default: :shard
+      desc "CloudWatch namespace of the metrics (names starting with AWS/ are reserved)."
+      config_param :metrics_namespace, :string, default: "KinesisProducerLibrary"
+      desc "Seconds between metric uploads (one PutMetricData per 1,000 metric data); a stop sends the rest."
+      config_param :metrics_upload_interval, :time, default: 60
+      desc "CloudWatch endpoint URL (local servers, VPC endpoints)."
+      config_param :metrics_endpoint, :string, default: nil
+      desc "CloudWatch region (default: region)."
+      config_param :metrics_region, :string, default: nil
+      desc "Let the SDK gzip large PutMetricData bodies, as it does by default (off for servers that cannot read them)."
+      config_param :metrics_request_compression, :bool, default: true
+
       # Suffix of the files keeping a chunk's delivery progress, beside the chunk.
       PROGRESS_SUFFIX = ".kinesis-progress"
       # How often a stop logs what it is still waiting for.
       DRAIN_LOG_INTERVAL = 5
+      # The most a stop waits for the last CloudWatch upload.
+      METRICS_FLUSH_TIMEOUT = 10
+      # How often messages about failed CloudWatch uploads are looked for (each upload leaves at most one).
+      METRICS_MESSAGE_POLL = 1
 
       def initialize
         super
@@ -221,6 +242,13 @@ module Fluent
         @producer = FluentPluginKinesisRs::Native::Producer.new(@producer_options)
         remove_orphan_progress_files
         check_stream if @check_stream_on_start
+        return if @metrics_level == :none
+
+        log.info "CloudWatch metrics: #{@metrics_level}, per #{@metrics_granularity}, namespace " \
+                 "#{@metrics_namespace.inspect}, every #{@metrics_upload_interval}s"
+        timer_execute(:kinesis_metrics_messages, METRICS_MESSAGE_POLL) do
+          log_metrics_messages(@producer.metrics_messages)
+        end
       end
 
       # A stop delivers what is buffered instead of failing it: from here on, deliveries retry
@@ -251,8 +279,13 @@ module Fluent
         stop_drain_reporter
       end
 
+      # Every flush thread has stopped: the last CloudWatch upload carries what was measured
+      # since the one before.
       def close
         super
+        if @producer && !@producer.closed? && @metrics_level != :none
+          log_metrics_messages(@producer.flush_metrics(METRICS_FLUSH_TIMEOUT))
+        end
         @producer&.close
       end
 
@@ -272,7 +305,10 @@ module Fluent
 
       # The Kinesis counters since start, as monitor_agent shows them.
       def kinesis_statistics
-        COUNTERS.to_h { |name| ["kinesis_#{name}", @counter_metrics[name].get] }
+        stats = COUNTERS.to_h { |name| ["kinesis_#{name}", @counter_metrics[name].get] }
+        uploads = @producer.metrics_counters if @producer && !@producer.closed?
+        uploads&.each { |name, value| stats["kinesis_cloudwatch_#{name}"] = value }
+        stats
       end
 
       def write(chunk)
@@ -344,6 +380,21 @@ module Fluent
         end
         if @web_identity_credentials && !(@web_identity_credentials.web_identity_token_file || ENV["AWS_WEB_IDENTITY_TOKEN_FILE"])
           raise Fluent::ConfigError, "<web_identity_credentials> needs web_identity_token_file (or AWS_WEB_IDENTITY_TOKEN_FILE)"
+        end
+        validate_metrics!
+      end
+
+      def validate_metrics!
+        ns = @metrics_namespace
+        if ns.start_with?("AWS/")
+          raise Fluent::ConfigError, "metrics_namespace #{ns.inspect}: names starting with AWS/ are reserved for AWS services; " \
+                                     "use e.g. KinesisProducerLibrary"
+        end
+        unless (1..255).cover?(ns.bytesize) && ns.match?(/\A[[:print:]&&[\x20-\x7e]]+\z/)
+          raise Fluent::ConfigError, "metrics_namespace #{ns.inspect} must be 1 to 255 printable ASCII characters"
+        end
+        if @metrics_upload_interval < 1
+          raise Fluent::ConfigError, "metrics_upload_interval #{@metrics_upload_interval} is too short: at least 1 second"
         end
       end
 
@@ -435,9 +486,10 @@ module Fluent
       end
 
       def credentials_options
-        if @aws_key_id && @aws_sec_key
+        # An empty aws_key_id (a template's unset variable) means no static keys, as in the AWS SDKs.
+        if present?(@aws_key_id) && present?(@aws_sec_key)
           base = { "type" => "static", "access_key_id" => @aws_key_id, "secret_access_key" => @aws_sec_key,
-                   "session_token" => @aws_ses_token }
+                   "session_token" => (@aws_ses_token if present?(@aws_ses_token)) }
         end
         if (c = @assume_role_credentials)
           return { "type" => "assume_role", "role_arn" => c.role_arn, "role_session_name" => c.role_session_name,
@@ -475,8 +527,24 @@ module Fluent
           "rate_limit" => @rate_limit, "retries" => @retries_on_batch_request,
           "reset_backoff_if_success" => @reset_backoff_if_success, "deadline" => @delivery_timeout.to_f,
           "key_mode" => key_mode, "fixed_partition_key" => @fixed_partition_key,
-          "user_agent" => "fluentd/#{Fluent::VERSION}",
+          "user_agent" => "fluentd/#{Fluent::VERSION}", "metrics" => metrics_options
         }
+      end
+
+      def present?(value)
+        !value.nil? && !value.to_s.strip.empty?
+      end
+
+      def metrics_options
+        return nil if @metrics_level == :none
+
+        { "level" => @metrics_level.to_s, "granularity" => @metrics_granularity.to_s, "namespace" => @metrics_namespace,
+          "upload_interval" => @metrics_upload_interval.to_f, "endpoint" => @metrics_endpoint,
+          "region" => @metrics_region || @region, "request_compression" => @metrics_request_compression }
+      end
+
+      def log_metrics_messages(messages)
+        messages.each { |m| log.warn m }
       end
 
       def check_stream
@@ -493,16 +561,18 @@ module Fluent
 
       def deliver(chunk, chunk_id, stream, tag, previously, progress)
         uid = chunk.unique_id
+        created = chunk.created_at.to_f
         if @native_formatter
           begin
-            delivery = @producer.start_chunk(stream, @native_formatter, chunk.read, tag, previously, progress, uid)
+            delivery = @producer.start_chunk(stream, @native_formatter, chunk.read, tag, previously, progress, uid,
+                                             created)
             return collect(chunk, chunk_id, tag, delivery)
           rescue FluentPluginKinesisRs::NeedsRubyFormattingError => e
             log.debug { "chunk #{chunk_id} formatted by fluentd: #{e.message}" }
           end
         end
         records, event_count, refused, scrubbed = format_in_ruby(chunk, tag, previously)
-        delivery = @producer.start_records(stream, records, event_count, previously, progress, uid)
+        delivery = @producer.start_records(stream, records, event_count, previously, progress, uid, created)
         result = collect(chunk, chunk_id, tag, delivery, refused)
         @counter_metrics["scrubbed"].add(scrubbed) if scrubbed.positive?
         result

@@ -41,6 +41,8 @@ const AMZ_JSON: &str = "application/x-amz-json-1.1";
 /// How long the shard limit trusts its list of a stream's open shards: long enough not to list
 /// them for every request, short enough that a test sees a reshard take effect.
 const SHARD_LIST_TTL: Duration = Duration::from_secs(1);
+/// The `access_keys` entry of requests without a SigV4 `Authorization` header.
+pub const UNSIGNED: &str = "(unsigned)";
 /// How the base64 of data starting with the KPL magic (F3 89 9A C2) starts: only entries whose
 /// Data starts so are decoded to count their user records.
 const MAGIC_BASE64: &str = "84ma";
@@ -113,6 +115,9 @@ pub struct ProxyStats {
     pub in_flight_put_entries: u64,
     /// Gauge: the user records in `in_flight_put_entries`.
     pub in_flight_user_records: u64,
+    /// Requests per access key id that signed them (the `Credential=` of a SigV4 `Authorization`
+    /// header, [`UNSIGNED`] without one), then per operation: which credentials a client used.
+    pub access_keys: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 impl ProxyStats {
@@ -502,6 +507,14 @@ impl PutBody {
     }
 }
 
+/// The access key id of a SigV4 `Authorization` header
+/// (`AWS4-HMAC-SHA256 Credential=AKID/date/region/service/aws4_request, SignedHeaders=..., ...`).
+fn access_key_id(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
+    let credential = value.split_once("Credential=")?.1;
+    credential.split('/').next().filter(|id| !id.is_empty())
+}
+
 /// The user records in a PutRecords entry: those of a KPL aggregate, else 1.
 fn user_records(entry: &Value) -> u64 {
     let data = entry["Data"].as_str().unwrap_or_default();
@@ -527,6 +540,16 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> io::Result<Respons
         .and_then(|v| v.to_str().ok())
         .map(|t| t.rsplit('.').next().unwrap_or(t).to_string())
         .unwrap_or_default();
+    let access_key = access_key_id(&parts.headers)
+        .unwrap_or(UNSIGNED)
+        .to_string();
+    state.count(|s| {
+        *s.access_keys
+            .entry(access_key)
+            .or_default()
+            .entry(operation.clone())
+            .or_default() += 1;
+    });
     let put = match operation == PUT_RECORDS {
         true => PutBody::parse(&body),
         false => None,
