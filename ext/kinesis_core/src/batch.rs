@@ -143,6 +143,9 @@ pub struct Refused {
 pub struct PlanLimits {
     pub max_record_bytes: usize,
     pub aggregation_max_bytes: usize,
+    /// Keep each shard's user records in their order across the Kinesis records planned for
+    /// it (`keep_order`): filtered by shard, the output lists records in batch order.
+    pub ordered: bool,
 }
 
 fn random_key() -> String {
@@ -155,6 +158,8 @@ struct Open {
     key: String,
     first_hash: u128,
     shard: usize,
+    /// Its records have explicit hash keys (per-record keys).
+    has_ehk: bool,
 }
 
 struct Planner<'a> {
@@ -267,6 +272,7 @@ fn plan_shared_key(p: &mut Planner, indexes: &[u32], mut next_key: impl FnMut() 
             first_hash: hash,
             shard: p.map.index_of(hash),
             key,
+            has_ehk: false,
         }
     };
     let mut open = new_open(next_key(), p);
@@ -312,7 +318,9 @@ fn plan_per_record(p: &mut Planner, indexes: &[u32]) {
         let ehk = p.batch.explicit_hash_key(i as usize);
         let hash = ehk.unwrap_or_else(|| partition_key_hash(key));
         let shard = p.map.index_of(hash);
-        let slot = (shard, ehk.is_some());
+        // In order: one aggregate at a time per shard, sent before a record of the other kind
+        // (with or without an explicit hash key) starts the next one.
+        let slot = (shard, ehk.is_some() && !p.limits.ordered);
         let o = open.entry(slot).or_insert_with(|| {
             order.push(slot);
             Open {
@@ -324,12 +332,17 @@ fn plan_per_record(p: &mut Planner, indexes: &[u32]) {
                 key: String::new(),
                 first_hash: 0,
                 shard,
+                has_ehk: false,
             }
         });
         let data = p.batch.data(i as usize);
+        if p.limits.ordered && !o.members.is_empty() && o.has_ehk != ehk.is_some() {
+            p.flush(o, true);
+        }
         if o.members.is_empty() {
             o.key = key.to_string();
             o.first_hash = hash;
+            o.has_ehk = ehk.is_some();
         }
         if o.builder.try_add(key, ehk, data) {
             o.members.push(i);
@@ -339,11 +352,13 @@ fn plan_per_record(p: &mut Planner, indexes: &[u32]) {
             p.flush(o, true);
             o.key = key.to_string();
             o.first_hash = hash;
+            o.has_ehk = ehk.is_some();
             if o.builder.try_add(key, ehk, data) {
                 o.members.push(i);
                 continue;
             }
         }
+        // (The shard's aggregate is empty here: what it held went out first.)
         p.alone(i, key, ehk, shard);
     }
     for slot in order {
@@ -383,6 +398,7 @@ mod tests {
     use super::*;
     use crate::kpl::{deaggregate, effective_hash_key, Deaggregated};
     use crate::shard_map::Shard;
+    use std::collections::HashMap;
 
     fn four_shards() -> ShardMap {
         let q = u128::MAX / 4;
@@ -398,7 +414,48 @@ mod tests {
         PlanLimits {
             max_record_bytes: 1024 * 1024,
             aggregation_max_bytes: agg,
+            ordered: false,
         }
+    }
+
+    /// With `ordered`, each shard's Kinesis records list its user records in batch order, even
+    /// when records with and without explicit hash keys and oversized ones interleave; without,
+    /// the two kinds go to separate aggregates and come out of order.
+    #[test]
+    fn ordered_plans_keep_each_shards_records_in_order() {
+        let map = four_shards();
+        let mut batch = RecordBatch::default();
+        for i in 0..3000u32 {
+            let key = format!("key-{}", i % 13);
+            let ehk = (i % 3 == 0).then(|| u128::from(i % 4) * (u128::MAX / 4) + 7);
+            let size = if i % 97 == 0 { 3000 } else { 40 };
+            batch.push(format!("{i:>size$}").as_bytes(), Some(&key), ehk);
+        }
+        let idx: Vec<u32> = (0..3000).collect();
+        let in_order = |ordered: bool| {
+            let l = PlanLimits {
+                ordered,
+                ..limits(2048)
+            };
+            let (records, refused) = plan(&batch, &idx, &KeyMode::PerRecord, &map, &l);
+            assert!(refused.is_empty());
+            let mut last: HashMap<usize, u32> = HashMap::new();
+            let mut sorted = true;
+            let mut seen = 0;
+            for r in &records {
+                for &m in &r.members {
+                    if last.get(&r.shard).is_some_and(|&l| l > m) {
+                        sorted = false;
+                    }
+                    last.insert(r.shard, m);
+                    seen += 1;
+                }
+            }
+            assert_eq!(seen, 3000);
+            sorted
+        };
+        assert!(in_order(true));
+        assert!(!in_order(false), "the check sees disorder");
     }
 
     #[test]

@@ -117,6 +117,9 @@ pub struct ProducerConfig {
     /// The most time one batch may take, retries included.
     pub deadline: Duration,
     pub key_mode: KeyMode,
+    /// Per shard, one Kinesis record in flight at a time, retried until it lands before the
+    /// next is sent: each partition key's records reach the stream in the order given.
+    pub keep_order: bool,
     /// Text appended to the SDK's user agent.
     pub user_agent_suffix: Option<String>,
     /// The KPL's CloudWatch metrics (off by default).
@@ -145,6 +148,7 @@ impl Default for ProducerConfig {
             reset_backoff_if_success: true,
             deadline: Duration::from_secs(120),
             key_mode: KeyMode::RandomPerAggregate,
+            keep_order: false,
             user_agent_suffix: None,
             metrics: MetricsConfig::default(),
         }
@@ -179,6 +183,9 @@ impl ProducerConfig {
             return Err("request concurrency must be at least 1".into());
         }
         self.metrics.validate()?;
+        if self.keep_order && self.key_mode == KeyMode::RandomPerAggregate {
+            return Err("keep_order needs partition_key (or fixed_partition_key): with a random key per aggregate, records have no key whose order could be kept".into());
+        }
         if let KeyMode::Fixed(k) = &self.key_mode {
             crate::hashkey::validate_partition_key(k)
                 .map_err(|e| format!("fixed_partition_key: {e}"))?;

@@ -2,7 +2,7 @@
 //! PutRecords requests, send several at once within per-shard rate limits, retry failed entries
 //! with backoff, and recover from a stale shard map. Reports the fate of every user record.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -521,6 +521,7 @@ impl Producer {
         let limits = PlanLimits {
             max_record_bytes: self.config.max_record_bytes,
             aggregation_max_bytes: self.config.aggregation_max_bytes,
+            ordered: self.config.keep_order,
         };
         let mut pending: Vec<u32> = indexes.to_vec();
         let mut map = match self.shard_map(stream).await {
@@ -543,18 +544,25 @@ impl Producer {
                 o.counters.aggregates +=
                     records.iter().filter(|r| r.members.len() > 1).count() as u64;
             }
-            let requests = pack(
-                records,
-                self.config.batch_max_entries,
-                self.config.batch_max_bytes,
-            );
-            let results: Vec<RequestResult> = stream::iter(requests)
-                .map(|req| self.send_request(stream, req, &map.0, deadline, sink, stop))
-                .buffer_unordered(self.config.concurrency)
-                .collect()
-                .await;
-            let misrouted: Vec<(KinesisRecord, String)> =
-                results.into_iter().flat_map(|r| r.misrouted).collect();
+            // Records of shards whose queue a misroute stopped (keep_order): never sent, planned
+            // again with the new map.
+            let (misrouted, held) = if self.config.keep_order {
+                self.send_in_order(stream, records, &map.0, deadline, sink, stop)
+                    .await
+            } else {
+                let requests = pack(
+                    records,
+                    self.config.batch_max_entries,
+                    self.config.batch_max_bytes,
+                );
+                let results: Vec<RequestResult> = stream::iter(requests)
+                    .map(|req| self.send_request(stream, req, &map.0, deadline, sink, stop, None))
+                    .buffer_unordered(self.config.concurrency)
+                    .collect()
+                    .await;
+                let misrouted = results.into_iter().flat_map(|r| r.misrouted).collect();
+                (misrouted, Vec::new())
+            };
             if misrouted.is_empty() {
                 return;
             }
@@ -565,7 +573,8 @@ impl Producer {
             if refreshed.is_ok() {
                 sink.lock().counters.shard_map_refreshes += 1;
             }
-            pending = Vec::new();
+            let held_count = held.len();
+            pending = held;
             let mut confirmed = Vec::new();
             let mut obs = Observations::default();
             for (record, landed) in &misrouted {
@@ -582,6 +591,8 @@ impl Producer {
             }
             sink.record(&obs);
             sink.delivered(&confirmed);
+            // Planned again in batch order (keep_order relies on it).
+            pending.sort_unstable();
             match refreshed {
                 Ok(m) => map = m,
                 Err(f) => return sink.fail(&pending, &f, None, 0),
@@ -598,10 +609,86 @@ impl Producer {
                 let f = Failure::new(FailureKind::Transient, "ShardMapChanged", format!("aggregates kept landing on unexpected shards after {} re-plans (the stream is being resharded); retry later", round + 1));
                 return sink.fail(&pending, &f, None, 0);
             }
-            sink.lock().counters.resent_user_records += pending.len() as u64;
+            sink.lock().counters.resent_user_records += (pending.len() - held_count) as u64;
         }
     }
 
+    /// keep_order: each shard's Kinesis records one at a time, in plan order, each retried until
+    /// it lands or fails for good; shards in parallel, at most `concurrency` calls at once.
+    /// Returns the records that landed on an unexpected shard, and the members of the records
+    /// their shards then held back (never sent), for re-planning with a new shard map.
+    async fn send_in_order(
+        &self,
+        stream: &str,
+        records: Vec<KinesisRecord>,
+        map: &ShardMap,
+        deadline: Instant,
+        sink: &Sink<'_>,
+        stop: &CancelToken,
+    ) -> (Vec<(KinesisRecord, String)>, Vec<u32>) {
+        let mut queues: BTreeMap<usize, Vec<KinesisRecord>> = BTreeMap::new();
+        for r in records {
+            queues.entry(r.shard).or_default().push(r);
+        }
+        let calls = tokio::sync::Semaphore::new(self.config.concurrency);
+        let shards = queues.into_values().map(|queue| {
+            self.send_shard_in_order(stream, queue, map, deadline, sink, stop, &calls)
+        });
+        let mut misrouted = Vec::new();
+        let mut held = Vec::new();
+        for (m, h) in futures::future::join_all(shards).await {
+            misrouted.extend(m);
+            held.extend(h);
+        }
+        (misrouted, held)
+    }
+
+    /// One shard's queue (see [`Producer::send_in_order`]). After a record that was not
+    /// delivered, the later ones are not sent: they fail too, and fluentd sends them again with
+    /// the chunk, after the failed one. After a misroute, they are handed back unsent.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_shard_in_order(
+        &self,
+        stream: &str,
+        queue: Vec<KinesisRecord>,
+        map: &ShardMap,
+        deadline: Instant,
+        sink: &Sink<'_>,
+        stop: &CancelToken,
+        calls: &tokio::sync::Semaphore,
+    ) -> (Option<(KinesisRecord, String)>, Vec<u32>) {
+        let mut queue = queue.into_iter();
+        while let Some(record) = queue.next() {
+            let first = record.members[0] as usize;
+            let result = self
+                .send_request(stream, vec![record], map, deadline, sink, stop, Some(calls))
+                .await;
+            if let Some(m) = result.misrouted.into_iter().next() {
+                return (Some(m), queue.flat_map(|r| r.members).collect());
+            }
+            if sink.lock().status[first] != RecordStatus::Delivered {
+                let f = if stop.is_cancelled() {
+                    cancelled()
+                } else {
+                    Failure::new(
+                        FailureKind::Transient,
+                        "HeldForOrder",
+                        "not sent: an earlier record of its shard was not delivered, and keep_order sends nothing after it (fluentd sends both again with the chunk, in order)",
+                    )
+                };
+                for r in queue {
+                    sink.fail(&r.members, &f, known_shard(map, r.shard), 0);
+                }
+                return (None, Vec::new());
+            }
+        }
+        (None, Vec::new())
+    }
+
+    /// Sends one PutRecords request and retries its failed entries. `calls`: a limit on the
+    /// calls in flight, held only while a call is (keep_order; otherwise the caller limits the
+    /// requests running at once).
+    #[allow(clippy::too_many_arguments)]
     async fn send_request(
         &self,
         stream: &str,
@@ -610,6 +697,7 @@ impl Producer {
         deadline: Instant,
         sink: &Sink<'_>,
         stop: &CancelToken,
+        calls: Option<&tokio::sync::Semaphore>,
     ) -> RequestResult {
         let mut misrouted = Vec::new();
         let mut todo: Vec<usize> = (0..records.len()).collect();
@@ -671,6 +759,10 @@ impl Producer {
             }
             let mut failed: Vec<(usize, Failure)> = Vec::new();
             let mut any_success = false;
+            let permit = match calls {
+                Some(c) => Some(c.acquire().await.expect("the semaphore is never closed")),
+                None => None,
+            };
             let sent_at = Instant::now();
             // Sent requests are never cancelled: their outcome is always read and kept.
             let response = self
@@ -680,6 +772,7 @@ impl Producer {
                 .set_records(Some(entries))
                 .send()
                 .await;
+            drop(permit);
             let mut obs = Observations::default();
             if sink.metrics.is_some() {
                 let elapsed_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
@@ -786,6 +879,16 @@ impl Producer {
             }
             if failed.is_empty() {
                 return RequestResult { misrouted };
+            }
+            // What Kinesis did not accept used none of the shard's capacity.
+            if let Some(limiter) = &self.limiter {
+                limiter.refund(failed.iter().map(|&(e, _)| {
+                    (
+                        shard_id(map, records[e].shard),
+                        1usize,
+                        records[e].billed_size(),
+                    )
+                }));
             }
             // Records that retrying cannot help fail now; the rest wait and go again.
             let (retry, hopeless): (Vec<_>, Vec<_>) = failed

@@ -63,6 +63,18 @@ impl ShardRateLimiter {
         }
         Duration::from_secs_f64(wait.max(0.0))
     }
+
+    /// Gives back what entries Kinesis did not accept took: they used none of the shard's
+    /// capacity, and their retry reserves again (charging them twice would idle the shard).
+    pub fn refund<'a>(&self, usage: impl IntoIterator<Item = (&'a str, usize, usize)>) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        for (shard, records, bytes) in usage {
+            if let Some(b) = buckets.get_mut(shard) {
+                b.records = (b.records + records as f64).min(self.records_per_sec);
+                b.bytes = (b.bytes + bytes as f64).min(self.bytes_per_sec);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -81,6 +93,20 @@ mod tests {
         // Another shard is independent.
         assert_eq!(l.reserve([("s2", 500, 100)]), Duration::ZERO);
         assert!(ShardRateLimiter::new(0).is_none());
+    }
+
+    #[test]
+    fn refunds_what_was_not_accepted() {
+        let l = ShardRateLimiter::new(100).unwrap();
+        assert_eq!(l.reserve([("s", 1, 1024 * 1024)]), Duration::ZERO);
+        // Throttled: the retry may go at once instead of a second later.
+        l.refund([("s", 1, 1024 * 1024)]);
+        assert_eq!(l.reserve([("s", 1, 1024 * 1024)]), Duration::ZERO);
+        // Never above a full bucket.
+        l.refund([("s", 1, 1024 * 1024)]);
+        l.refund([("s", 1, 1024 * 1024)]);
+        assert_eq!(l.reserve([("s", 1, 1024 * 1024)]), Duration::ZERO);
+        assert!(l.reserve([("s", 1, 1024 * 1024)]) >= Duration::from_millis(990));
     }
 
     #[test]

@@ -453,3 +453,66 @@ async fn metrics_add_up_to_the_outcome_and_the_stream() {
         assert_eq!(at.sum as u64, *users, "{shard}");
     }
 }
+
+/// `keep_order`: with entry failures, throttling and 5xx, each key's records read back (every
+/// shard in sequence order, as the KCL does) in the order of the batch; without it the same
+/// faults reorder them, which shows the check can see disorder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_order_keeps_each_keys_records_in_order_through_faults() {
+    let k = Kinesalite::start();
+    let proxy = FaultProxy::start(&k.endpoint()).await;
+    let b = batch(6_000, Some(40));
+    let mut out_of_order = Vec::new();
+    for keep_order in [true, false] {
+        let stream = support::unique_stream_name("order");
+        support::create_stream(&support::client(&k.endpoint()).await, &stream, 4).await;
+        let mut cfg = config(&proxy.endpoint(), KeyMode::PerRecord);
+        cfg.aggregation_max_bytes = 4 * 1024;
+        cfg.batch_max_entries = 20;
+        cfg.max_retries = 30;
+        cfg.keep_order = keep_order;
+        let producer = Producer::new(cfg).await.unwrap();
+        producer.check_stream(&stream).await.unwrap();
+        proxy.clear();
+        proxy.sometimes(0.05, Fault::Status(500));
+        proxy.sometimes(0.3, Fault::PartialThrottle(Entries::Fraction(0.3)));
+        proxy.sometimes(0.3, Fault::PartialInternalFailure(Entries::Fraction(0.3)));
+        let o = producer
+            .put(&stream, &b, &all(b.len()), &go(), &|_| {})
+            .await;
+        proxy.clear();
+        assert_all_delivered(&o);
+        assert!(o.counters.retried_entries > 0, "{:?}", o.counters);
+        // The batch index of each user record, from its data; per key, the last one seen.
+        let client = support::client(&k.endpoint()).await;
+        let mut last: HashMap<String, usize> = HashMap::new();
+        let (mut bad, mut seen) = (0, 0);
+        for r in support::read_all(&client, &stream).await {
+            for u in kcl_user_records(
+                &r.data,
+                &r.partition_key,
+                r.starting_hash_key,
+                r.ending_hash_key,
+            ) {
+                let text = String::from_utf8(u.data).unwrap();
+                let seq: usize = text["{\"seq\":".len()..text.find(',').unwrap()]
+                    .parse()
+                    .unwrap();
+                seen += 1;
+                match last.get(&u.partition_key) {
+                    Some(&l) if l > seq => bad += 1,
+                    _ => {
+                        last.insert(u.partition_key.clone(), seq);
+                    }
+                }
+            }
+        }
+        assert_eq!(seen, b.len(), "every record once");
+        out_of_order.push(bad);
+    }
+    assert_eq!(out_of_order[0], 0, "keep_order: records out of order");
+    assert!(
+        out_of_order[1] > 0,
+        "the same faults without keep_order reorder records"
+    );
+}

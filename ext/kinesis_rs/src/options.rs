@@ -228,6 +228,7 @@ pub fn producer_config(ruby: &Ruby, hash: RHash) -> Result<ProducerConfig, Error
             .unwrap_or(d.reset_backoff_if_success),
         deadline: o.secs("deadline")?.unwrap_or(d.deadline),
         key_mode,
+        keep_order: o.get("keep_order")?.unwrap_or(d.keep_order),
         user_agent_suffix: o.get("user_agent")?,
         metrics,
     };

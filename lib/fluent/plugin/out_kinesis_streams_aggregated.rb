@@ -154,6 +154,10 @@ module Fluent
       config_param :partition_key, :string, default: nil
       desc "Record field holding an explicit hash key (decimal 0..2^128-1); needs partition_key."
       config_param :explicit_hash_key, :string, default: nil
+      desc "Deliver each partition key's records in the order fluentd hands them over, through retries: per shard, " \
+           "one Kinesis record at a time, retried until it lands before the next. Needs partition_key or " \
+           "fixed_partition_key, and flush_thread_count 1."
+      config_param :keep_order, :bool, default: false
       desc "Largest aggregate in bytes (default: max_record_size)."
       config_param :aggregation_max_size, :size, default: nil
       desc "Per-shard rate limit, percent of 1 MiB/s and 1000 records/s (0: off)."
@@ -382,6 +386,26 @@ module Fluent
           raise Fluent::ConfigError, "<web_identity_credentials> needs web_identity_token_file (or AWS_WEB_IDENTITY_TOKEN_FILE)"
         end
         validate_metrics!
+        validate_keep_order! if @keep_order
+      end
+
+      # Order holds per shard inside a delivery, and across chunks only when fluentd writes one
+      # chunk at a time and retries a failed chunk before the next (it puts it back at the head
+      # of its queue).
+      def validate_keep_order!
+        unless @partition_key || @fixed_partition_key
+          raise Fluent::ConfigError, "keep_order needs partition_key (or fixed_partition_key): with a random key per " \
+                                     "aggregate, records have no key whose order could be kept"
+        end
+        if @buffer_config.flush_thread_count > 1
+          raise Fluent::ConfigError, "keep_order needs flush_thread_count 1 (it is #{@buffer_config.flush_thread_count}): " \
+                                     "chunks written by several threads at once reach Kinesis in any order"
+        end
+        return unless system_config.workers > 1
+
+        log.warn "keep_order with #{system_config.workers} workers: order is kept per worker; events of one key " \
+                 "that reach different workers (in_forward spreads connections over workers) are not ordered " \
+                 "against each other"
       end
 
       def validate_metrics!
@@ -526,7 +550,7 @@ module Fluent
           "batch_request_max_size" => @batch_request_max_size, "concurrency" => @max_concurrent_requests,
           "rate_limit" => @rate_limit, "retries" => @retries_on_batch_request,
           "reset_backoff_if_success" => @reset_backoff_if_success, "deadline" => @delivery_timeout.to_f,
-          "key_mode" => key_mode, "fixed_partition_key" => @fixed_partition_key,
+          "key_mode" => key_mode, "fixed_partition_key" => @fixed_partition_key, "keep_order" => @keep_order,
           "user_agent" => "fluentd/#{Fluent::VERSION}", "metrics" => metrics_options
         }
       end
