@@ -89,10 +89,9 @@ def out_of_order(kinesis, stream)
   [bad, seen.size]
 end
 
-def run(kinesis, proxy, shards, keep_order, feed)
-  stream = kinesis.create_stream(kinesis.unique_stream("order-bench"), shards)
-  driver = Fluent::Test::Driver::Output.new(Fluent::Plugin::KinesisStreamsAggregatedRsOutput)
-  driver.configure(<<~CONF)
+# A driver of the plugin writing to `stream` through the proxy, `partition_key host`.
+def bench_driver(proxy, stream, keep_order, extra)
+  Fluent::Test::Driver::Output.new(Fluent::Plugin::KinesisStreamsAggregatedRsOutput).configure(<<~CONF)
     stream_name #{stream}
     region us-east-1
     endpoint #{proxy.endpoint}
@@ -100,13 +99,20 @@ def run(kinesis, proxy, shards, keep_order, feed)
     aws_sec_key bench-secret
     partition_key host
     keep_order #{keep_order}
-    rate_limit #{RATE_LIMIT}
     retries_on_batch_request 30
+    #{extra}
+  CONF
+end
+
+def run(kinesis, proxy, shards, keep_order, feed)
+  stream = kinesis.create_stream(kinesis.unique_stream("order-bench"), shards)
+  driver = bench_driver(proxy, stream, keep_order, <<~EXTRA)
+    rate_limit #{RATE_LIMIT}
     <buffer tag>
       chunk_limit_size #{CHUNK_LIMIT}
       flush_thread_interval 0.05
     </buffer>
-  CONF
+  EXTRA
   plugin = driver.instance
   gate = Queue.new
   plugin.singleton_class.prepend(Module.new do
@@ -125,12 +131,15 @@ def run(kinesis, proxy, shards, keep_order, feed)
     w0 = wall
     gate.close
     plugin.force_flush
+    # Until no chunk is staged, queued or being written (buffer.dequeued holds those).
     sleep 0.01 until plugin.buffer.queue.empty? && plugin.buffer.stage.empty? &&
-                     plugin.dequeued_chunks_mutex.synchronize { plugin.dequeued_chunks.empty? }
+                     plugin.buffer.dequeued.empty?
     result["wall"] = wall - w0
     result["cpu"] = cpu - c0
   end
   stats = plugin.kinesis_statistics
+  raise "the timed flush missed records (#{stats["kinesis_delivered"]} of #{feed.size})" unless stats["kinesis_delivered"] == feed.size
+
   result["rate_limited_s"] = stats["kinesis_rate_limited_ms"] / 1000.0
   result["chunks"] = plugin.write_count
   driver.instance_shutdown
@@ -170,18 +179,7 @@ proxy.clear
 proxy.always("partial_internal_failure 0.2")
 disorder = (PART2 ? [false, true] : []).to_h do |keep|
   stream = kinesis.create_stream(kinesis.unique_stream("order-faults"), 4)
-  driver = Fluent::Test::Driver::Output.new(Fluent::Plugin::KinesisStreamsAggregatedRsOutput)
-  driver.configure(<<~CONF)
-    stream_name #{stream}
-    region us-east-1
-    endpoint #{proxy.endpoint}
-    aws_key_id AKIDBENCH
-    aws_sec_key bench-secret
-    partition_key host
-    keep_order #{keep}
-    aggregation_max_size 4k
-    retries_on_batch_request 30
-  CONF
+  driver = bench_driver(proxy, stream, keep, "aggregation_max_size 4k")
   t0 = wall
   driver.run(default_tag: "app.log", timeout: 600) do
     20_000.times do |i|

@@ -717,14 +717,7 @@ impl Producer {
         };
         loop {
             if let Some(limiter) = &self.limiter {
-                let usage = todo.iter().map(|&e| {
-                    (
-                        shard_id(map, records[e].shard),
-                        1usize,
-                        records[e].billed_size(),
-                    )
-                });
-                let wait = limiter.reserve(usage);
+                let wait = limiter.reserve(shard_usage(map, &records, todo.iter().copied()));
                 if !wait.is_zero() {
                     let until = (Instant::now() + wait).min(self.deadline_with_drain(deadline));
                     sink.lock().counters.rate_limited_ms += wait.as_millis() as u64;
@@ -882,13 +875,7 @@ impl Producer {
             }
             // What Kinesis did not accept used none of the shard's capacity.
             if let Some(limiter) = &self.limiter {
-                limiter.refund(failed.iter().map(|&(e, _)| {
-                    (
-                        shard_id(map, records[e].shard),
-                        1usize,
-                        records[e].billed_size(),
-                    )
-                }));
+                limiter.refund(shard_usage(map, &records, failed.iter().map(|&(e, _)| e)));
             }
             // Records that retrying cannot help fail now; the rest wait and go again.
             let (retry, hopeless): (Vec<_>, Vec<_>) = failed
@@ -1038,6 +1025,15 @@ fn cancelled() -> Failure {
         "Cancelled",
         "not sent: the wait for this delivery was abandoned (thread killed or raised); fluentd sends these records again",
     )
+}
+
+/// What the `entries` of `records` take from their shards' rate limits: (shard, records, bytes).
+fn shard_usage<'a>(
+    map: &'a ShardMap,
+    records: &'a [KinesisRecord],
+    entries: impl Iterator<Item = usize> + 'a,
+) -> impl Iterator<Item = (&'a str, usize, usize)> + 'a {
+    entries.map(move |e| (shard_id(map, records[e].shard), 1, records[e].billed_size()))
 }
 
 /// The predicted shard's id, when the map was listed (for metrics' ShardId dimension).
