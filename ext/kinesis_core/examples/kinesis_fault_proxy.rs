@@ -1,16 +1,20 @@
-//! The tests' fault-injecting Kinesis proxy as a program, for tests in other languages (the Ruby
-//! plugin tests drive it through test/support/fault_proxy.rb).
+//! The tests' fault-injecting proxy for Kinesis and Amazon Data Firehose as a program, for tests
+//! in other languages (the Ruby plugin tests drive it through test/support/fault_proxy.rb).
 //!
-//! `kinesis_fault_proxy UPSTREAM_URL` listens on 127.0.0.1 (a free port), prints one JSON line
-//! `{"port":N,"pid":P}`, then reads commands from stdin, one per line, and answers each with one
-//! JSON line (`{"ok":true}`, the stats, or `{"error":"..."}`):
+//! `kinesis_fault_proxy UPSTREAM_URL [OPERATION]` listens on 127.0.0.1 (a free port) in front of
+//! UPSTREAM_URL (kinesalite, or moto for Firehose), prints one JSON line `{"port":N,"pid":P}`,
+//! then reads commands from stdin, one per line, and answers each with one JSON line
+//! (`{"ok":true}`, the stats, or `{"error":"..."}`). OPERATION is the proxy's operation, the one
+//! `push`, `sometimes` and `always` apply faults to: PutRecords (Kinesis, the default) or
+//! PutRecordBatch (Firehose).
 //!
 //! ```text
-//! push N FAULT      apply FAULT to each of the next N PutRecords requests
-//! sometimes P FAULT apply FAULT with probability P (0 to 1) to a PutRecords request with no
-//!                   queued fault; such rules are rolled in the order given, the first hit applies
-//! always FAULT      apply FAULT to every PutRecords request no queued or `sometimes` fault hit
-//!                   (replaces the previous one)
+//! push N FAULT      apply FAULT to each of the next N requests of the proxy's operation
+//! sometimes P FAULT apply FAULT with probability P (0 to 1) to a request of the proxy's
+//!                   operation with no queued fault; such rules are rolled in the order given, the
+//!                   first hit applies
+//! always FAULT      apply FAULT to every request of the proxy's operation no queued or
+//!                   `sometimes` fault hit (replaces the previous one)
 //! shard_limit B R   limit each open shard to B bytes and R records per second, as Kinesis does
 //!                   (`shard_limit 1048576 1000`): PutRecords entries over it fail with
 //!                   ProvisionedThroughputExceededException and are not forwarded
@@ -24,19 +28,26 @@
 //!                    "access_keys":{"AKID":{"PutRecords":n,...},...}}
 //! ```
 //!
-//! FAULT is `status 500`, `throttle_request`, `partial_throttle 0.5`,
-//! `partial_internal_failure 0.5` (fractions of the entries), `reset` or `delay_ms 1500`.
-//! entries_throttled counts the entries over the shard limit as well. user_records_forwarded
-//! counts the user records (those of a KPL aggregate, else 1 per entry) of the entries kinesalite
-//! accepted. in_flight_put_entries and in_flight_user_records are gauges: the PutRecords entries,
-//! and the user records in them, of the requests received and not answered yet (delayed ones and
-//! those waiting for kinesalite included; a request counts until the proxy is done with it, even
-//! if its client gave up). access_keys counts the requests per access key id that signed them
-//! (the SigV4 Authorization header's Credential; "(unsigned)" without one), then per operation.
-//! The shard limit is explained in tests/support/fault_proxy.rs (`ProxyHandle::shard_limit`).
-//! The proxy exits when stdin closes.
+//! FAULT is `status 500` (or 503), `throttle_request`, `partial_throttle 0.5`,
+//! `partial_internal_failure 0.5` (fractions of the entries), `reset` or `delay_ms 1500`. Each
+//! fails as the service does: `throttle_request` answers PutRecords HTTP 400
+//! ProvisionedThroughputExceededException and PutRecordBatch HTTP 500
+//! ServiceUnavailableException; `partial_throttle` fails entries with those error codes and
+//! `partial_internal_failure` with InternalFailure, forwarding the other entries only.
+//!
+//! The entry counts are of both batch puts, PutRecords and PutRecordBatch. entries_throttled
+//! counts the entries over the shard limit as well. user_records_forwarded counts the user records
+//! (those of a KPL aggregate in PutRecords, else 1 per entry) of the entries the upstream accepted.
+//! in_flight_put_entries and in_flight_user_records are gauges: the batch put entries, and the
+//! user records in them, of the requests received and not answered yet (delayed ones and those
+//! waiting for the upstream included; a request counts until the proxy is done with it, even if
+//! its client gave up). access_keys counts the requests per access key id that signed them (the
+//! SigV4 Authorization header's Credential; "(unsigned)" without one), then per operation. The
+//! shard limit (PutRecords only) is explained in tests/support/fault_proxy.rs
+//! (`ProxyHandle::shard_limit`). The proxy exits when stdin closes.
 //!
 //! `cargo run -p kinesis_core --example kinesis_fault_proxy -- http://127.0.0.1:4567`
+//! `cargo run -p kinesis_core --example kinesis_fault_proxy -- http://127.0.0.1:5000 PutRecordBatch`
 
 #[allow(dead_code)]
 #[path = "../tests/support/fault_proxy.rs"]
@@ -45,7 +56,7 @@ mod fault_proxy;
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
-use fault_proxy::{Entries, Fault, FaultProxy, ProxyHandle};
+use fault_proxy::{Entries, Fault, FaultProxy, ProxyHandle, PUT_RECORDS, PUT_RECORD_BATCH};
 use serde_json::{json, Value};
 
 fn parse_fault(words: &[&str]) -> Result<Fault, String> {
@@ -88,7 +99,8 @@ fn stats(proxy: &ProxyHandle) -> Value {
     })
 }
 
-fn command(proxy: &ProxyHandle, line: &str) -> Result<Value, String> {
+/// Runs one command; `push`, `sometimes` and `always` apply to `operation`.
+fn command(proxy: &ProxyHandle, operation: &str, line: &str) -> Result<Value, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let ok = json!({"ok": true});
     match words.as_slice() {
@@ -96,7 +108,7 @@ fn command(proxy: &ProxyHandle, line: &str) -> Result<Value, String> {
             let n: usize = n
                 .parse()
                 .map_err(|_| format!("push: {n:?} is not a count"))?;
-            proxy.push_n(n, parse_fault(fault)?);
+            proxy.push_n_for(operation, n, parse_fault(fault)?);
             Ok(ok)
         }
         ["sometimes", p, fault @ ..] => {
@@ -105,11 +117,11 @@ fn command(proxy: &ProxyHandle, line: &str) -> Result<Value, String> {
                 .ok()
                 .filter(|p| (0.0..=1.0).contains(p))
                 .ok_or_else(|| format!("sometimes: {p:?} is not a probability (0 to 1)"))?;
-            proxy.sometimes(p, parse_fault(fault)?);
+            proxy.sometimes_for(operation, p, parse_fault(fault)?);
             Ok(ok)
         }
         ["always", fault @ ..] => {
-            proxy.always(parse_fault(fault)?);
+            proxy.always_for(operation, parse_fault(fault)?);
             Ok(ok)
         }
         ["shard_limit", "off"] => {
@@ -136,10 +148,15 @@ fn command(proxy: &ProxyHandle, line: &str) -> Result<Value, String> {
 }
 
 fn main() {
-    let upstream = match std::env::args().nth(1) {
-        Some(url) => url,
-        None => {
-            eprintln!("usage: kinesis_fault_proxy UPSTREAM_URL (e.g. http://127.0.0.1:4567)");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (upstream, operation) = match args.as_slice() {
+        [url] => (url, PUT_RECORDS),
+        [url, op] if op == PUT_RECORDS || op == PUT_RECORD_BATCH => (url, op.as_str()),
+        _ => {
+            eprintln!(
+                "usage: kinesis_fault_proxy UPSTREAM_URL [OPERATION] (e.g. http://127.0.0.1:4567; \
+                 OPERATION, the one faults apply to: {PUT_RECORDS}, the default, or {PUT_RECORD_BATCH})"
+            );
             std::process::exit(2);
         }
     };
@@ -149,7 +166,7 @@ fn main() {
         .build()
         .expect("tokio runtime");
     // The proxy's tasks run on the runtime's workers; this thread only reads commands.
-    let proxy = runtime.block_on(FaultProxy::start(&upstream));
+    let proxy = runtime.block_on(FaultProxy::start(upstream));
     let handle = proxy.handle();
     let port = proxy
         .endpoint()
@@ -168,7 +185,7 @@ fn main() {
         if line.trim().is_empty() {
             continue;
         }
-        let answer = command(&handle, &line).unwrap_or_else(|e| json!({"error": e}));
+        let answer = command(&handle, operation, &line).unwrap_or_else(|e| json!({"error": e}));
         if writeln!(out, "{answer}").and_then(|_| out.flush()).is_err() {
             break;
         }

@@ -1,5 +1,6 @@
-//! User records in one arena, and the plan that turns them into Kinesis records (aggregates or
-//! single raw records) and PutRecords requests. Pure: no network.
+//! User records in one arena, and the plans that turn them into the records a service takes:
+//! Kinesis records (KPL aggregates, or one user record each) and Firehose records (one user
+//! record each, or packed), then into PutRecords / PutRecordBatch requests. Pure: no network.
 
 use rand::Rng;
 
@@ -146,6 +147,9 @@ pub struct PlanLimits {
     /// Keep each shard's user records in their order across the Kinesis records planned for
     /// it (`keep_order`): filtered by shard, the output lists records in batch order.
     pub ordered: bool,
+    /// KPL aggregation (`kinesis_streams_aggregated`); without it each user record is one
+    /// Kinesis record with its own partition key (`kinesis_streams`).
+    pub aggregate: bool,
 }
 
 fn random_key() -> String {
@@ -255,6 +259,10 @@ pub fn plan(
         out: Vec::new(),
         refused: Vec::new(),
     };
+    if !limits.aggregate {
+        plan_unaggregated(&mut p, indexes, mode);
+        return (p.out, p.refused);
+    }
     match mode {
         KeyMode::PerRecord => plan_per_record(&mut p, indexes),
         KeyMode::Fixed(key) => plan_shared_key(&mut p, indexes, || key.clone()),
@@ -368,6 +376,112 @@ fn plan_per_record(p: &mut Planner, indexes: &[u32]) {
     }
 }
 
+/// One Kinesis record per user record, as `kinesis_streams` sends them: its own partition key
+/// (per-record field, the fixed key, or a fresh random key each), its explicit hash key, its
+/// bytes as they are. Data plus key over the record limit is refused.
+fn plan_unaggregated(p: &mut Planner, indexes: &[u32], mode: &KeyMode) {
+    for &i in indexes {
+        let (key, ehk) = match mode {
+            KeyMode::PerRecord => {
+                let Some(key) = p.batch.partition_key(i as usize) else {
+                    p.refused.push(Refused {
+                        index: i,
+                        reason: "record has no partition key".into(),
+                    });
+                    continue;
+                };
+                if let Err(e) = validate_partition_key(key) {
+                    p.refused.push(Refused {
+                        index: i,
+                        reason: e.to_string(),
+                    });
+                    continue;
+                }
+                (key.to_string(), p.batch.explicit_hash_key(i as usize))
+            }
+            KeyMode::Fixed(key) => (key.clone(), None),
+            KeyMode::RandomPerAggregate => (random_key(), None),
+        };
+        let data = p.batch.data(i as usize);
+        let size = data.len() + key.len();
+        if size > p.limits.max_record_bytes {
+            p.refused.push(Refused {
+                index: i,
+                reason: format!(
+                    "record is {size} bytes with its partition key; the Kinesis record limit (max_record_size) is {} bytes",
+                    p.limits.max_record_bytes
+                ),
+            });
+            continue;
+        }
+        let hash = ehk.unwrap_or_else(|| partition_key_hash(&key));
+        p.out.push(KinesisRecord {
+            data: data.to_vec(),
+            partition_key: key,
+            explicit_hash_key: ehk,
+            shard: p.map.index_of(hash),
+            members: vec![i],
+            lands_safely_anywhere: true,
+        });
+    }
+}
+
+/// Firehose records: one per user record, or with `pack`, consecutive user records concatenated
+/// (each ends with its newline when `append_new_line` is on) into records of at most
+/// `max_record_bytes`. A user record larger than that alone is refused. Firehose records have no
+/// key: `partition_key` is empty and `shard` 0.
+pub fn plan_firehose(
+    batch: &RecordBatch,
+    indexes: &[u32],
+    pack: bool,
+    max_record_bytes: usize,
+) -> (Vec<KinesisRecord>, Vec<Refused>) {
+    let mut out: Vec<KinesisRecord> = Vec::new();
+    let mut refused = Vec::new();
+    let record = |data: Vec<u8>, members: Vec<u32>| KinesisRecord {
+        data,
+        partition_key: String::new(),
+        explicit_hash_key: None,
+        shard: 0,
+        members,
+        lands_safely_anywhere: true,
+    };
+    let mut open: Vec<u8> = Vec::new();
+    let mut members: Vec<u32> = Vec::new();
+    for &i in indexes {
+        let data = batch.data(i as usize);
+        if data.len() > max_record_bytes {
+            refused.push(Refused {
+                index: i,
+                reason: format!(
+                    "record is {} bytes; the Firehose record limit (max_record_size) is {max_record_bytes} bytes",
+                    data.len()
+                ),
+            });
+            continue;
+        }
+        if !pack {
+            out.push(record(data.to_vec(), vec![i]));
+            continue;
+        }
+        if open.len() + data.len() > max_record_bytes && !members.is_empty() {
+            out.push(record(
+                std::mem::take(&mut open),
+                std::mem::take(&mut members),
+            ));
+        }
+        if open.is_empty() {
+            open.reserve(max_record_bytes.min(64 * 1024));
+        }
+        open.extend_from_slice(data);
+        members.push(i);
+    }
+    if !members.is_empty() {
+        out.push(record(open, members));
+    }
+    (out, refused)
+}
+
 /// Packs Kinesis records into PutRecords requests of at most `max_entries` records and
 /// `max_bytes` (data plus partition keys), in order, each as full as the limits allow.
 pub fn pack(
@@ -415,7 +529,125 @@ mod tests {
             max_record_bytes: 1024 * 1024,
             aggregation_max_bytes: agg,
             ordered: false,
+            aggregate: true,
         }
+    }
+
+    /// kinesis_streams: one Kinesis record per user record, its own key (or a fresh random one),
+    /// its explicit hash key, its bytes untouched, even when they look like an aggregate; too
+    /// large with the key: refused.
+    #[test]
+    fn unaggregated_plans_one_record_each_with_its_keys() {
+        let map = four_shards();
+        let unaggregated = PlanLimits {
+            aggregate: false,
+            max_record_bytes: 1000,
+            ..limits(1000)
+        };
+        let mut batch = RecordBatch::default();
+        let mut magic = crate::kpl::MAGIC.to_vec();
+        magic.extend_from_slice(b"not really an aggregate");
+        batch.push(&magic, Some("k0"), None);
+        batch.push(b"plain", Some("k1"), Some(u128::MAX - 5));
+        batch.push(&[b'x'; 999], Some("k2"), None); // 1001 bytes with its key
+        batch.push(&[b'y'; 998], Some("k3"), None); // exactly 1000
+        let idx = [0, 1, 2, 3];
+        let (records, refused) = plan(&batch, &idx, &KeyMode::PerRecord, &map, &unaggregated);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].index, 2);
+        assert!(
+            refused[0].reason.contains("1001 bytes"),
+            "{}",
+            refused[0].reason
+        );
+        let members: Vec<Vec<u32>> = records.iter().map(|r| r.members.clone()).collect();
+        assert_eq!(members, vec![vec![0], vec![1], vec![3]]);
+        assert_eq!(records[0].data, magic);
+        assert_eq!(records[0].partition_key, "k0");
+        assert_eq!(records[1].explicit_hash_key, Some(u128::MAX - 5));
+        assert_eq!(records[1].shard, 3);
+        assert_eq!(records[0].shard, map.index_of(partition_key_hash("k0")));
+        assert!(records.iter().all(|r| r.lands_safely_anywhere));
+
+        let mut batch = RecordBatch::default();
+        for _ in 0..200 {
+            batch.push(b"line", None, None);
+        }
+        let idx: Vec<u32> = (0..200).collect();
+        let (records, _) = plan(
+            &batch,
+            &idx,
+            &KeyMode::RandomPerAggregate,
+            &map,
+            &unaggregated,
+        );
+        assert_eq!(records.len(), 200);
+        let keys: std::collections::HashSet<&str> =
+            records.iter().map(|r| r.partition_key.as_str()).collect();
+        assert_eq!(keys.len(), 200, "a fresh random key per record");
+        let shards: std::collections::HashSet<usize> = records.iter().map(|r| r.shard).collect();
+        assert_eq!(shards.len(), 4, "random keys reach every shard");
+        let (records, _) = plan(
+            &batch,
+            &idx,
+            &KeyMode::Fixed("same".into()),
+            &map,
+            &unaggregated,
+        );
+        assert!(records.iter().all(|r| r.partition_key == "same"));
+    }
+
+    /// Firehose: one record each, or packed up to the record limit in order, with nothing lost or
+    /// reordered; a record over the limit alone is refused; PutRecordBatch requests hold at most
+    /// 500 records and 4 MiB.
+    #[test]
+    fn firehose_plans_and_packs_within_the_limits() {
+        use crate::config::{
+            FIREHOSE_MAX_BYTES_PER_REQUEST as MAX_CALL, FIREHOSE_MAX_RECORD_BYTES as MAX_REC,
+        };
+        let mut batch = RecordBatch::default();
+        let mut expected = Vec::new();
+        for i in 0..30_000u32 {
+            let line = if i % 5000 == 7 {
+                vec![b'z'; MAX_REC] // exactly the limit: alone in its record
+            } else {
+                format!("{i:0>width$}\n", width = 150 + (i % 90) as usize).into_bytes()
+            };
+            expected.extend_from_slice(&line);
+            batch.push(&line, None, None);
+        }
+        batch.push(&vec![b'!'; MAX_REC + 1], None, None);
+        let idx: Vec<u32> = (0..30_001).collect();
+
+        let (single, refused) = plan_firehose(&batch, &idx, false, MAX_REC);
+        assert_eq!(single.len(), 30_000);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].index, 30_000);
+        assert!(refused[0].reason.contains("1024001 bytes"));
+        let requests = pack(single, 500, MAX_CALL);
+        assert!(requests.iter().all(|r| r.len() <= 500
+            && r.iter().map(KinesisRecord::billed_size).sum::<usize>() <= MAX_CALL));
+        assert_eq!(requests.len(), 60);
+
+        let (packed, refused) = plan_firehose(&batch, &idx, true, MAX_REC);
+        assert_eq!(refused.len(), 1);
+        assert!(packed.iter().all(|r| r.data.len() <= MAX_REC));
+        let joined: Vec<u8> = packed.iter().flat_map(|r| r.data.clone()).collect();
+        assert_eq!(joined, expected, "every line once, in order, byte for byte");
+        let members: Vec<u32> = packed.iter().flat_map(|r| r.members.clone()).collect();
+        assert_eq!(members, (0..30_000).collect::<Vec<_>>());
+        // Full records: each but the last of a run is cut only because the next line would not fit.
+        let total: usize = expected.len();
+        assert!(
+            packed.len() <= total.div_ceil(MAX_REC - 250) + 12,
+            "{} records",
+            packed.len()
+        );
+        let requests = pack(packed, 500, MAX_CALL);
+        for r in &requests {
+            assert!(r.iter().map(KinesisRecord::billed_size).sum::<usize>() <= MAX_CALL);
+        }
+        assert!(requests.len() >= expected.len().div_ceil(MAX_CALL));
     }
 
     /// With `ordered`, each shard's Kinesis records list its user records in batch order, even

@@ -109,6 +109,9 @@ pub struct FormatSpec {
     /// fluent-plugin-kinesis' `data_key`: send `record[data_key].to_s` instead of formatting.
     pub data_key: Option<String>,
     pub chomp_record: bool,
+    /// Firehose's `append_new_line`: strip one trailing newline (as Ruby's `chomp`), then add
+    /// "\n", before compression, so records concatenated at the destination stay lines.
+    pub append_newline: bool,
     pub compression: Compression,
     pub inject: Inject,
     pub partition_key_field: Option<String>,
@@ -728,7 +731,12 @@ pub fn format_chunk(
                 Ok(true)
             }
         })();
-        if !formatted? {
+        let formatted = formatted?;
+        if formatted && spec.append_newline {
+            chomp(target, data_from);
+            target.push(b'\n');
+        }
+        if !formatted {
             out.batch.abandon(start);
             out.refused.push((
                 index,
@@ -1009,6 +1017,7 @@ mod tests {
             format,
             data_key: None,
             chomp_record: false,
+            append_newline: false,
             compression: Compression::None,
             inject: Inject::default(),
             partition_key_field: None,
@@ -1016,6 +1025,42 @@ mod tests {
             max_data_bytes: 1024 * 1024,
             invalid_utf8: InvalidUtf8::Replace,
         }
+    }
+
+    /// Firehose's append_new_line: one trailing newline (LF, CRLF or CR) is replaced by "\n",
+    /// or "\n" added; data_key values too; before compression.
+    #[test]
+    fn append_newline_ends_every_record_with_one_newline() {
+        let mut chunk = Vec::new();
+        for v in ["plain", "ends lf\n", "ends crlf\r\n", "two\n\n", ""] {
+            event(&mut chunk, 1, 0, &[("message", v)]);
+        }
+        let mut s = spec(DataFormat::SingleValue {
+            message_key: "message".into(),
+            add_newline: false,
+        });
+        s.append_newline = true;
+        let out = format_chunk(&s, &chunk, None, &|_| false).unwrap();
+        let got: Vec<&[u8]> = (0..out.batch.len()).map(|i| out.batch.data(i)).collect();
+        let want: Vec<&[u8]> = vec![b"plain\n", b"ends lf\n", b"ends crlf\n", b"two\n\n", b"\n"];
+        assert_eq!(got, want);
+        s.data_key = Some("message".into());
+        let out = format_chunk(&s, &chunk, None, &|_| false).unwrap();
+        assert_eq!(out.batch.data(0), b"plain\n");
+        // json adds its own newline: still one.
+        let mut s = spec(DataFormat::Json { add_newline: true });
+        s.append_newline = true;
+        let out = format_chunk(&s, &chunk, None, &|_| false).unwrap();
+        assert_eq!(out.batch.data(0), b"{\"message\":\"plain\"}\n");
+        s.compression = Compression::Gzip;
+        let out = format_chunk(&s, &chunk, None, &|_| false).unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut flate2::read::GzDecoder::new(out.batch.data(0)),
+            &mut text,
+        )
+        .unwrap();
+        assert_eq!(text, "{\"message\":\"plain\"}\n");
     }
 
     #[test]

@@ -241,6 +241,8 @@ pub struct Clients {
     pub kinesis: aws_sdk_kinesis::Client,
     /// Only when CloudWatch metrics are on.
     pub cloudwatch: Option<aws_sdk_cloudwatch::Client>,
+    /// Only for a Firehose destination.
+    pub firehose: Option<aws_sdk_firehose::Client>,
 }
 
 /// Builds the clients for `config`. Needs a tokio runtime.
@@ -268,6 +270,15 @@ pub async fn build_clients(config: &ProducerConfig) -> Result<Clients, String> {
     }
     let kinesis = aws_sdk_kinesis::Client::from_conf(b.build());
 
+    let firehose = config.destination.is_firehose().then(|| {
+        let mut b = aws_sdk_firehose::config::Builder::from(&sdk).app_name(app.clone());
+        b.set_credentials_provider(provider.clone());
+        if let Some(endpoint) = &config.endpoint {
+            b = b.endpoint_url(endpoint);
+        }
+        aws_sdk_firehose::Client::from_conf(b.build())
+    });
+
     let cloudwatch = config.metrics.enabled().then(|| {
         let m = &config.metrics;
         let mut b = aws_sdk_cloudwatch::config::Builder::from(&sdk)
@@ -286,6 +297,7 @@ pub async fn build_clients(config: &ProducerConfig) -> Result<Clients, String> {
     Ok(Clients {
         kinesis,
         cloudwatch,
+        firehose,
     })
 }
 

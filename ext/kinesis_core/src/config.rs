@@ -9,6 +9,38 @@ use crate::metrics::MetricsConfig;
 /// PutRecords' own limits.
 pub const MAX_ENTRIES_PER_REQUEST: usize = 500;
 pub const MAX_BYTES_PER_REQUEST: usize = 5 * 1024 * 1024;
+/// PutRecordBatch's own limits (Amazon Data Firehose, direct PUT).
+pub const FIREHOSE_MAX_ENTRIES_PER_REQUEST: usize = 500;
+pub const FIREHOSE_MAX_BYTES_PER_REQUEST: usize = 4 * 1024 * 1024;
+/// The largest Firehose record: 1,000 KiB.
+pub const FIREHOSE_MAX_RECORD_BYTES: usize = 1_024_000;
+/// Firehose bills ingestion per record rounded up to this many bytes (5 KB).
+pub const FIREHOSE_BILLING_UNIT_BYTES: usize = 5 * 1024;
+
+/// Where records go, and in what shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// A Kinesis data stream. `aggregate`: user records travel in KPL aggregates
+    /// (`kinesis_streams_aggregated`), else one Kinesis record each (`kinesis_streams`).
+    Streams { aggregate: bool },
+    /// An Amazon Data Firehose delivery stream (direct PUT), one Firehose record per user record,
+    /// or with `pack`, many newline-delimited user records per Firehose record.
+    Firehose { pack: bool },
+}
+
+impl Destination {
+    pub fn is_firehose(self) -> bool {
+        matches!(self, Destination::Firehose { .. })
+    }
+
+    /// What the destination is called in messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Destination::Streams { .. } => "stream",
+            Destination::Firehose { .. } => "delivery stream",
+        }
+    }
+}
 
 /// Where credentials come from. Secrets are never printed: `Debug` is written by hand.
 #[derive(Clone, Default)]
@@ -98,6 +130,8 @@ pub struct ProducerConfig {
     /// Timeout of one HTTP attempt.
     pub request_timeout: Duration,
     pub credentials: Credentials,
+    /// Kinesis (aggregated or not) or Firehose.
+    pub destination: Destination,
     /// The Kinesis record limit of the stream (data plus partition key): 1 MiB unless raised.
     pub max_record_bytes: usize,
     /// The most an aggregate may weigh (at most `max_record_bytes`).
@@ -136,6 +170,7 @@ impl Default for ProducerConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             credentials: Credentials::DefaultChain,
+            destination: Destination::Streams { aggregate: true },
             max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
             aggregation_max_bytes: DEFAULT_MAX_RECORD_BYTES,
             batch_max_entries: MAX_ENTRIES_PER_REQUEST,
@@ -159,6 +194,9 @@ impl ProducerConfig {
     /// Checks the limits and returns a message saying what to change.
     pub fn validate(&self) -> Result<(), String> {
         use crate::kpl::MAX_RECORD_BYTES_LIMIT;
+        if let Destination::Firehose { .. } = self.destination {
+            return self.validate_firehose();
+        }
         if self.max_record_bytes == 0 || self.max_record_bytes > MAX_RECORD_BYTES_LIMIT {
             return Err(format!("max record size {} is out of range: Kinesis allows 1 byte to 10 MiB ({MAX_RECORD_BYTES_LIMIT})", self.max_record_bytes));
         }
@@ -183,12 +221,43 @@ impl ProducerConfig {
             return Err("request concurrency must be at least 1".into());
         }
         self.metrics.validate()?;
+        if self.keep_order && self.destination != (Destination::Streams { aggregate: true }) {
+            return Err("keep_order is a setting of kinesis_streams_aggregated".into());
+        }
         if self.keep_order && self.key_mode == KeyMode::RandomPerAggregate {
             return Err("keep_order needs partition_key (or fixed_partition_key): with a random key per aggregate, records have no key whose order could be kept".into());
         }
         if let KeyMode::Fixed(k) = &self.key_mode {
             crate::hashkey::validate_partition_key(k)
                 .map_err(|e| format!("fixed_partition_key: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn validate_firehose(&self) -> Result<(), String> {
+        if self.max_record_bytes == 0 || self.max_record_bytes > FIREHOSE_MAX_RECORD_BYTES {
+            return Err(format!("max_record_size {} is out of range: a Firehose record holds 1 to 1,024,000 bytes (1,000 KiB)", self.max_record_bytes));
+        }
+        if self.batch_max_entries == 0 || self.batch_max_entries > FIREHOSE_MAX_ENTRIES_PER_REQUEST
+        {
+            return Err(format!(
+                "batch_request_max_count {} is out of range: PutRecordBatch takes 1 to 500 records",
+                self.batch_max_entries
+            ));
+        }
+        if self.batch_max_bytes < self.max_record_bytes
+            || self.batch_max_bytes > FIREHOSE_MAX_BYTES_PER_REQUEST
+        {
+            return Err(format!("batch_request_max_size {} is out of range: it must hold one record ({} bytes) and PutRecordBatch takes at most 4 MiB ({FIREHOSE_MAX_BYTES_PER_REQUEST})", self.batch_max_bytes, self.max_record_bytes));
+        }
+        if self.concurrency == 0 {
+            return Err("request concurrency must be at least 1".into());
+        }
+        if self.keep_order {
+            return Err("keep_order is a setting of kinesis_streams_aggregated".into());
+        }
+        if self.metrics.level != crate::metrics::Level::None {
+            return Err("the KPL's CloudWatch metrics are for Kinesis data streams; Firehose publishes its own (AWS/Firehose IncomingRecords, IncomingBytes, ThrottledRecords)".into());
         }
         Ok(())
     }

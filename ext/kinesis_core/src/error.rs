@@ -62,8 +62,27 @@ impl std::fmt::Display for Failure {
     }
 }
 
+/// The service a call went to: it decides some codes' meaning and what a person should check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Kinesis,
+    Firehose,
+}
+
 /// Advice appended to messages of errors a person has to act on.
-fn advice(code: &str) -> &'static str {
+fn advice(service: Service, code: &str) -> &'static str {
+    if service == Service::Firehose {
+        return match code {
+            "ResourceNotFoundException" => " Check delivery_stream_name and region (and endpoint): the delivery stream does not exist there, or is being deleted.",
+            "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException" | "IncompleteSignature" | "MissingAuthenticationToken" | "InvalidClientTokenId" | "SignatureDoesNotMatch" => {
+                " Check the credentials and the IAM policy: it needs firehose:PutRecordBatch and firehose:DescribeDeliveryStream on the delivery stream."
+            }
+            c if c.starts_with("KMS") || c == "InvalidKMSResourceException" => " The delivery stream's KMS key is disabled, missing or not usable: fix the key or its policy.",
+            "ResourceInUseException" => " The delivery stream is not ACTIVE yet (being created or updated).",
+            "InvalidSourceException" => " The delivery stream reads from a Kinesis data stream: it takes no direct PUT. Send to the data stream instead (kinesis_streams), or use a direct PUT delivery stream.",
+            _ => "",
+        };
+    }
     match code {
         "ResourceNotFoundException" => " Check stream_name and region (and endpoint): the stream does not exist there, or is being deleted.",
         "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException" | "IncompleteSignature" | "MissingAuthenticationToken" | "InvalidClientTokenId" | "SignatureDoesNotMatch" => {
@@ -77,7 +96,21 @@ fn advice(code: &str) -> &'static str {
 
 /// Classifies an error code returned for a whole request or for one PutRecords entry.
 pub fn classify_code(code: &str, http_status: Option<u16>, message: &str) -> Failure {
+    classify_code_for(Service::Kinesis, code, http_status, message)
+}
+
+/// Classifies an error code of `service`, for a whole request or one entry of a batch call.
+/// Firehose answers ServiceUnavailableException when a delivery stream is over its throughput
+/// limits, so it counts as throttling there.
+pub fn classify_code_for(
+    service: Service,
+    code: &str,
+    http_status: Option<u16>,
+    message: &str,
+) -> Failure {
     let kind = match code {
+        "ServiceUnavailableException" if service == Service::Firehose => FailureKind::Throttled,
+        "InvalidSourceException" | "InvalidKMSResourceException" => FailureKind::NeedsAttention,
         "ProvisionedThroughputExceededException"
         | "LimitExceededException"
         | "KMSThrottlingException"
@@ -125,7 +158,7 @@ pub fn classify_code(code: &str, http_status: Option<u16>, message: &str) -> Fai
     } else {
         code.to_string()
     };
-    let message = format!("{}{}", message.trim(), advice(&code));
+    let message = format!("{}{}", message.trim(), advice(service, &code));
     Failure::new(kind, code, message)
 }
 
@@ -146,8 +179,17 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// Classifies an error the SDK returned for a whole call.
+/// Classifies an error the SDK returned for a whole Kinesis call.
 pub fn classify_sdk_error<E, R>(err: &SdkError<E, R>) -> Failure
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug + HasStatus + 'static,
+{
+    classify_sdk_error_for(Service::Kinesis, err)
+}
+
+/// Classifies an error the SDK returned for a whole call to `service`.
+pub fn classify_sdk_error_for<E, R>(service: Service, err: &SdkError<E, R>) -> Failure
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug + HasStatus + 'static,
@@ -160,7 +202,7 @@ where
                 .message()
                 .map(str::to_string)
                 .unwrap_or_else(|| error_chain(e));
-            classify_code(e.code().unwrap_or(""), Some(status), &message)
+            classify_code_for(service, e.code().unwrap_or(""), Some(status), &message)
         }
         SdkError::TimeoutError(_) => Failure::new(
             FailureKind::Transient,
@@ -239,5 +281,20 @@ mod tests {
         );
         assert_eq!(f.kind, FailureKind::NeedsAttention);
         assert!(f.message.contains("Check stream_name"), "{}", f.message);
+        let f = classify_code_for(
+            Service::Firehose,
+            "ResourceNotFoundException",
+            Some(400),
+            "x",
+        );
+        assert!(f.message.contains("delivery_stream_name"), "{}", f.message);
+        assert_eq!(
+            classify_code_for(Service::Firehose, "ServiceUnavailableException", None, "x").kind,
+            FailureKind::Throttled
+        );
+        assert_eq!(
+            classify_code("ServiceUnavailableException", None, "x").kind,
+            FailureKind::Transient
+        );
     }
 }

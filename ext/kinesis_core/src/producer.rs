@@ -1,6 +1,9 @@
-//! Delivers a batch of user records to a stream: plan aggregates per predicted shard, pack
-//! PutRecords requests, send several at once within per-shard rate limits, retry failed entries
-//! with backoff, and recover from a stale shard map. Reports the fate of every user record.
+//! Delivers a batch of user records: to a Kinesis data stream (plan aggregates per predicted
+//! shard, or one Kinesis record each; pack PutRecords requests; send several at once within
+//! per-shard rate limits; recover from a stale shard map), or to a Firehose delivery stream (one
+//! Firehose record each, or packed; PutRecordBatch requests). Both retry failed entries, by their
+//! position in the answer, with backoff, under one deadline, and report the fate of every user
+//! record.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -11,10 +14,12 @@ use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardFilter, ShardFilterTyp
 use futures::stream::{self, StreamExt};
 use rand::Rng;
 
-use crate::batch::{pack, plan, KinesisRecord, PlanLimits, RecordBatch};
+use crate::batch::{pack, plan, plan_firehose, KinesisRecord, PlanLimits, RecordBatch, Refused};
 use crate::cancel::CancelToken;
-use crate::config::{KeyMode, ProducerConfig};
-use crate::error::{classify_code, classify_sdk_error, Failure, FailureKind};
+use crate::config::{Destination, KeyMode, ProducerConfig, FIREHOSE_BILLING_UNIT_BYTES};
+use crate::error::{
+    classify_code_for, classify_sdk_error, classify_sdk_error_for, Failure, FailureKind, Service,
+};
 use crate::hashkey::partition_key_hash;
 use crate::metrics::{Metrics, Name, Observations, Stats};
 use crate::rate_limit::ShardRateLimiter;
@@ -53,8 +58,10 @@ pub struct Counters {
     pub throttled_entries: u64,
     /// Bytes (data plus partition keys) of successful entries.
     pub bytes_delivered: u64,
-    /// PUT payload units (25 KB each, rounded up per record) of successful entries.
+    /// PUT payload units (25 KB each, rounded up per record) of successful entries (Kinesis).
     pub put_payload_units: u64,
+    /// Ingestion billing units (5 KB each, rounded up per record) of successful entries (Firehose).
+    pub firehose_billed_units: u64,
     /// Aggregates that landed on another shard than predicted.
     pub wrong_shard: u64,
     /// User records sent again because their aggregate landed where a KCL consumer drops it.
@@ -81,6 +88,7 @@ impl Counters {
             throttled_entries,
             bytes_delivered,
             put_payload_units,
+            firehose_billed_units,
             wrong_shard,
             resent_user_records,
             shard_map_refreshes,
@@ -89,7 +97,7 @@ impl Counters {
     }
 
     /// Name/value pairs, for monitoring output.
-    pub fn pairs(&self) -> [(&'static str, u64); 17] {
+    pub fn pairs(&self) -> [(&'static str, u64); 18] {
         [
             ("user_records", self.user_records),
             ("delivered", self.delivered),
@@ -104,6 +112,7 @@ impl Counters {
             ("throttled_entries", self.throttled_entries),
             ("bytes_delivered", self.bytes_delivered),
             ("put_payload_units", self.put_payload_units),
+            ("firehose_billed_units", self.firehose_billed_units),
             ("wrong_shard", self.wrong_shard),
             ("resent_user_records", self.resent_user_records),
             ("shard_map_refreshes", self.shard_map_refreshes),
@@ -193,9 +202,11 @@ const MAX_RESEND_ROUNDS: usize = 3;
 /// Shard id used when the shard map cannot be listed (shared-key modes only).
 const UNKNOWN_SHARD: &str = "(unlisted)";
 
-/// Sends user records to Kinesis. Cheap to share: one per plugin instance.
+/// Sends user records to Kinesis or Firehose. Cheap to share: one per plugin instance.
 pub struct Producer {
     client: aws_sdk_kinesis::Client,
+    /// The Firehose client, for a Firehose destination.
+    firehose: Option<aws_sdk_firehose::Client>,
     config: ProducerConfig,
     streams: Mutex<HashMap<String, Arc<StreamState>>>,
     limiter: Option<ShardRateLimiter>,
@@ -209,6 +220,10 @@ pub struct Producer {
 /// Called with the user records (batch indexes) each PutRecords response confirmed, as soon as
 /// it is read: the caller keeps a chunk's progress with it.
 pub type OnDelivered<'a> = &'a (dyn Fn(&[u32]) + Send + Sync);
+
+/// What a batch call answered for one entry: delivered (with the shard it landed on, for
+/// Kinesis), or failed and why.
+type EntryAnswer = Result<Option<String>, Failure>;
 
 /// One PutRecords request in flight and what came of it.
 struct RequestResult {
@@ -228,6 +243,7 @@ impl Producer {
         });
         let mut producer = Self::with_client(clients.kinesis, config);
         producer.metrics = metrics;
+        producer.firehose = clients.firehose;
         Ok(producer)
     }
 
@@ -242,9 +258,15 @@ impl Producer {
     }
 
     pub fn with_client(client: aws_sdk_kinesis::Client, config: ProducerConfig) -> Self {
-        let limiter = ShardRateLimiter::new(config.rate_limit_percent);
+        // Firehose has no shards: its limits are the delivery stream's, answered by throttling.
+        let limiter = if config.destination.is_firehose() {
+            None
+        } else {
+            ShardRateLimiter::new(config.rate_limit_percent)
+        };
         Producer {
             client,
+            firehose: None,
             config,
             streams: Mutex::new(HashMap::new()),
             limiter,
@@ -277,6 +299,13 @@ impl Producer {
 
     pub fn config(&self) -> &ProducerConfig {
         &self.config
+    }
+
+    /// Aggregates of per-record keys must land on their predicted shard (the KCL's range check);
+    /// anything else lands safely anywhere and only uses the map for rate limits and metrics.
+    fn needs_exact_shard_map(&self) -> bool {
+        self.config.key_mode == KeyMode::PerRecord
+            && self.config.destination == (Destination::Streams { aggregate: true })
     }
 
     async fn list_open_shards(&self, stream: &str) -> Result<ShardMap, Failure> {
@@ -347,6 +376,47 @@ impl Producer {
         Ok(map)
     }
 
+    /// Checks that the destination can take records and describes it for the log: a stream's open
+    /// shards (the map is cached), or a delivery stream's status. Errors say what to fix.
+    pub async fn check_destination(&self, name: &str) -> Result<String, Failure> {
+        let Some(firehose) = &self.firehose else {
+            let map = self.check_stream(name).await?;
+            return Ok(format!("is reachable with {} open shard(s)", map.len()));
+        };
+        let resp = firehose
+            .describe_delivery_stream()
+            .delivery_stream_name(name)
+            .send()
+            .await
+            .map_err(|e| classify_sdk_error_for(Service::Firehose, &e))?;
+        let Some(d) = resp.delivery_stream_description() else {
+            return Err(Failure::new(
+                FailureKind::Transient,
+                "EmptyAnswer",
+                "DescribeDeliveryStream answered without a description",
+            ));
+        };
+        let kind = d.delivery_stream_type().as_str();
+        if kind == "KinesisStreamAsSource" {
+            return Err(classify_code_for(
+                Service::Firehose,
+                "InvalidSourceException",
+                None,
+                &format!("delivery stream {name:?} reads from a Kinesis data stream."),
+            ));
+        }
+        let status = d.delivery_stream_status().as_str();
+        if status != "ACTIVE" {
+            return Err(classify_code_for(
+                Service::Firehose,
+                "ResourceInUseException",
+                None,
+                &format!("delivery stream {name:?} is {status}."),
+            ));
+        }
+        Ok(format!("is ACTIVE ({kind})"))
+    }
+
     fn state(&self, stream: &str, initial: Option<Arc<ShardMap>>) -> Arc<StreamState> {
         let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
         streams
@@ -401,7 +471,7 @@ impl Producer {
             // Shared-key modes do not need the map to be correct; without ListShards permission
             // they go on without per-shard rate limiting.
             Err(f)
-                if self.config.key_mode != KeyMode::PerRecord
+                if !self.needs_exact_shard_map()
                     && f.kind == FailureKind::NeedsAttention
                     && f.code != "ResourceNotFoundException" =>
             {
@@ -518,10 +588,19 @@ impl Producer {
         stop: &CancelToken,
     ) {
         let deadline = Instant::now() + self.config.deadline;
+        let aggregate = match self.config.destination {
+            Destination::Firehose { pack } => {
+                return self
+                    .deliver_firehose(stream, batch, indexes, pack, deadline, sink, stop)
+                    .await
+            }
+            Destination::Streams { aggregate } => aggregate,
+        };
         let limits = PlanLimits {
             max_record_bytes: self.config.max_record_bytes,
             aggregation_max_bytes: self.config.aggregation_max_bytes,
             ordered: self.config.keep_order,
+            aggregate,
         };
         let mut pending: Vec<u32> = indexes.to_vec();
         let mut map = match self.shard_map(stream).await {
@@ -530,20 +609,7 @@ impl Producer {
         };
         for round in 0.. {
             let (records, refused) = plan(batch, &pending, &self.config.key_mode, &map.0, &limits);
-            {
-                let mut o = sink.lock();
-                for r in refused {
-                    let i = o.failure_index(&Failure::new(
-                        FailureKind::Invalid,
-                        "RecordRefused",
-                        r.reason,
-                    ));
-                    o.status[r.index as usize] = RecordStatus::Refused(i);
-                }
-                o.counters.kinesis_records += records.len() as u64;
-                o.counters.aggregates +=
-                    records.iter().filter(|r| r.members.len() > 1).count() as u64;
-            }
+            sink.planned(&records, refused);
             // Records of shards whose queue a misroute stopped (keep_order): never sent, planned
             // again with the new map.
             let (misrouted, held) = if self.config.keep_order {
@@ -611,6 +677,111 @@ impl Producer {
             }
             sink.lock().counters.resent_user_records += (pending.len() - held_count) as u64;
         }
+    }
+
+    /// Firehose: plan (one record each, or packed), then PutRecordBatch requests of at most
+    /// `batch_max_entries` records and `batch_max_bytes`, several at once. No shards: nothing
+    /// to predict, rate-limit or re-plan.
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver_firehose(
+        &self,
+        stream: &str,
+        batch: &RecordBatch,
+        indexes: &[u32],
+        pack_records: bool,
+        deadline: Instant,
+        sink: &Sink<'_>,
+        stop: &CancelToken,
+    ) {
+        let (records, refused) =
+            plan_firehose(batch, indexes, pack_records, self.config.max_record_bytes);
+        sink.planned(&records, refused);
+        let map = ShardMap::whole(UNKNOWN_SHARD);
+        let requests = pack(
+            records,
+            self.config.batch_max_entries,
+            self.config.batch_max_bytes,
+        );
+        stream::iter(requests)
+            .map(|req| self.send_request(stream, req, &map, deadline, sink, stop, None))
+            .buffer_unordered(self.config.concurrency)
+            .collect::<Vec<RequestResult>>()
+            .await;
+    }
+
+    /// One batch call with the `todo` entries of `records`: PutRecords, or PutRecordBatch for
+    /// Firehose. An answer per entry, in order, or the whole call's failure. The call is never
+    /// cancelled once sent.
+    async fn call(
+        &self,
+        stream: &str,
+        records: &[KinesisRecord],
+        todo: &[usize],
+    ) -> Result<Vec<EntryAnswer>, Failure> {
+        if let Some(firehose) = &self.firehose {
+            let entries = todo
+                .iter()
+                .map(|&e| {
+                    aws_sdk_firehose::types::Record::builder()
+                        .data(Blob::new(records[e].data.clone()))
+                        .build()
+                        .expect("data is set")
+                })
+                .collect();
+            let resp = firehose
+                .put_record_batch()
+                .delivery_stream_name(stream)
+                .set_records(Some(entries))
+                .send()
+                .await
+                .map_err(|e| classify_sdk_error_for(Service::Firehose, &e))?;
+            return Ok(resp
+                .request_responses()
+                .iter()
+                .map(|r| match r.error_code() {
+                    Some(code) => Err(classify_code_for(
+                        Service::Firehose,
+                        code,
+                        None,
+                        r.error_message().unwrap_or(""),
+                    )),
+                    None => Ok(None),
+                })
+                .collect());
+        }
+        let entries: Vec<PutRecordsRequestEntry> = todo
+            .iter()
+            .map(|&e| {
+                let r = &records[e];
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(r.data.clone()))
+                    .partition_key(&r.partition_key)
+                    .set_explicit_hash_key(r.explicit_hash_key.map(|h| h.to_string()))
+                    .build()
+                    .expect("data and partition key are set")
+            })
+            .collect();
+        let resp = self
+            .client
+            .put_records()
+            .stream_name(stream)
+            .set_records(Some(entries))
+            .send()
+            .await
+            .map_err(|e| classify_sdk_error(&e))?;
+        Ok(resp
+            .records()
+            .iter()
+            .map(|r| match r.error_code() {
+                Some(code) => Err(classify_code_for(
+                    Service::Kinesis,
+                    code,
+                    None,
+                    r.error_message().unwrap_or(""),
+                )),
+                None => Ok(r.shard_id().map(str::to_string)),
+            })
+            .collect())
     }
 
     /// keep_order: each shard's Kinesis records one at a time, in plan order, each retried until
@@ -731,18 +902,6 @@ impl Producer {
                 abandon(&todo, attempt);
                 return RequestResult { misrouted };
             }
-            let entries: Vec<PutRecordsRequestEntry> = todo
-                .iter()
-                .map(|&e| {
-                    let r = &records[e];
-                    PutRecordsRequestEntry::builder()
-                        .data(Blob::new(r.data.clone()))
-                        .partition_key(&r.partition_key)
-                        .set_explicit_hash_key(r.explicit_hash_key.map(|h| h.to_string()))
-                        .build()
-                        .expect("data and partition key are set")
-                })
-                .collect();
             {
                 let mut o = sink.lock();
                 o.counters.requests += 1;
@@ -758,13 +917,7 @@ impl Producer {
             };
             let sent_at = Instant::now();
             // Sent requests are never cancelled: their outcome is always read and kept.
-            let response = self
-                .client
-                .put_records()
-                .stream_name(stream)
-                .set_records(Some(entries))
-                .send()
-                .await;
+            let response = self.call(stream, &records, &todo).await;
             drop(permit);
             let mut obs = Observations::default();
             if sink.metrics.is_some() {
@@ -793,9 +946,8 @@ impl Producer {
                     );
                 }
             }
-            match &response {
-                Ok(resp) => {
-                    let results = resp.records();
+            match response {
+                Ok(results) => {
                     let mut confirmed = Vec::new();
                     for (pos, &e) in todo.iter().enumerate() {
                         let r = &records[e];
@@ -811,19 +963,31 @@ impl Producer {
                             continue;
                         };
                         let predicted = known_shard(map, r.shard);
-                        if let Some(code) = res.error_code() {
-                            let f = classify_code(code, None, res.error_message().unwrap_or(""));
-                            if f.kind == FailureKind::Throttled {
-                                sink.lock().counters.throttled_entries += 1;
+                        let landed = match res {
+                            Ok(landed) => landed.as_deref().unwrap_or(""),
+                            Err(f) => {
+                                if f.kind == FailureKind::Throttled {
+                                    sink.lock().counters.throttled_entries += 1;
+                                }
+                                if sink.metrics.is_some() {
+                                    obs.add(
+                                        Name::KinesisRecordsPut,
+                                        None,
+                                        predicted,
+                                        Stats::one(0.0),
+                                    );
+                                    obs.add(
+                                        Name::ErrorsByCode,
+                                        Some(&f.code),
+                                        predicted,
+                                        Stats::one(1.0),
+                                    );
+                                    obs.add(Name::AllErrors, None, predicted, Stats::one(1.0));
+                                }
+                                failed.push((e, f.clone()));
+                                continue;
                             }
-                            if sink.metrics.is_some() {
-                                obs.add(Name::KinesisRecordsPut, None, predicted, Stats::one(0.0));
-                                obs.add(Name::ErrorsByCode, Some(code), predicted, Stats::one(1.0));
-                                obs.add(Name::AllErrors, None, predicted, Stats::one(1.0));
-                            }
-                            failed.push((e, f));
-                            continue;
-                        }
+                        };
                         any_success = true;
                         if sink.metrics.is_some() {
                             obs.add(Name::KinesisRecordsPut, None, predicted, Stats::one(1.0));
@@ -835,7 +999,6 @@ impl Producer {
                             );
                             obs.add(Name::AllErrors, None, predicted, Stats::one(0.0));
                         }
-                        let landed = res.shard_id().unwrap_or("");
                         if !r.lands_safely_anywhere && landed != shard_id(map, r.shard) {
                             misrouted.push((r.clone(), landed.to_string()));
                         } else {
@@ -848,15 +1011,19 @@ impl Producer {
                             confirmed.extend_from_slice(&r.members);
                             let mut o = sink.lock();
                             o.counters.bytes_delivered += r.billed_size() as u64;
-                            o.counters.put_payload_units +=
-                                r.billed_size().div_ceil(25 * 1024) as u64;
+                            if self.firehose.is_some() {
+                                o.counters.firehose_billed_units +=
+                                    r.billed_size().div_ceil(FIREHOSE_BILLING_UNIT_BYTES) as u64;
+                            } else {
+                                o.counters.put_payload_units +=
+                                    r.billed_size().div_ceil(25 * 1024) as u64;
+                            }
                         }
                     }
                     sink.record(&obs);
                     sink.delivered(&confirmed);
                 }
-                Err(err) => {
-                    let f = classify_sdk_error(err);
+                Err(f) => {
                     if sink.metrics.is_some() {
                         obs.add(Name::ErrorsByCode, Some(&f.code), None, Stats::one(1.0));
                         obs.add(Name::AllErrors, None, None, Stats::one(1.0));
@@ -941,6 +1108,21 @@ struct Sink<'a> {
 }
 
 impl Sink<'_> {
+    /// Records what a plan made: the refused user records, and the records to send.
+    fn planned(&self, records: &[KinesisRecord], refused: Vec<Refused>) {
+        let mut o = self.lock();
+        for r in refused {
+            let i = o.failure_index(&Failure::new(
+                FailureKind::Invalid,
+                "RecordRefused",
+                r.reason,
+            ));
+            o.status[r.index as usize] = RecordStatus::Refused(i);
+        }
+        o.counters.kinesis_records += records.len() as u64;
+        o.counters.aggregates += records.iter().filter(|r| r.members.len() > 1).count() as u64;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BatchOutcome> {
         self.outcome.lock().unwrap_or_else(|p| p.into_inner())
     }

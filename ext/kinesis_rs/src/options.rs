@@ -7,7 +7,7 @@ use magnus::{prelude::*, r_hash::ForEach, Error, RHash, Ruby, TryConvert, Value}
 use kinesis_core::chunk::{
     ruby_time_format, Compression, DataFormat, FormatSpec, Inject, TimeType, TimeZoneSpec,
 };
-use kinesis_core::config::{Credentials, KeyMode, ProducerConfig};
+use kinesis_core::config::{Credentials, Destination, KeyMode, ProducerConfig};
 use kinesis_core::metrics::{Granularity, Level, MetricsConfig};
 
 use crate::errors::error_class;
@@ -197,6 +197,30 @@ pub fn producer_config(ruby: &Ruby, hash: RHash) -> Result<ProducerConfig, Error
         }
         None => MetricsConfig::default(),
     };
+    let pack: Option<bool> = o.get("pack_records")?;
+    let destination = match o
+        .get::<String>("destination")?
+        .as_deref()
+        .unwrap_or("kinesis_streams_aggregated")
+    {
+        "kinesis_streams_aggregated" => Destination::Streams { aggregate: true },
+        "kinesis_streams" => Destination::Streams { aggregate: false },
+        "kinesis_firehose" => Destination::Firehose {
+            pack: pack.unwrap_or(false),
+        },
+        other => {
+            return Err(config_error(
+                ruby,
+                format!("unknown destination {other:?}: kinesis_streams_aggregated, kinesis_streams or kinesis_firehose"),
+            ))
+        }
+    };
+    if pack.is_some() && !destination.is_firehose() {
+        return Err(config_error(
+            ruby,
+            "pack_records is a setting of kinesis_firehose",
+        ));
+    }
     let max_record_bytes = o
         .get::<usize>("max_record_size")?
         .unwrap_or(d.max_record_bytes);
@@ -208,6 +232,7 @@ pub fn producer_config(ruby: &Ruby, hash: RHash) -> Result<ProducerConfig, Error
         connect_timeout: o.secs("connect_timeout")?.unwrap_or(d.connect_timeout),
         request_timeout: o.secs("request_timeout")?.unwrap_or(d.request_timeout),
         credentials: creds,
+        destination,
         max_record_bytes,
         aggregation_max_bytes: o
             .get::<usize>("aggregation_max_size")?
@@ -334,6 +359,7 @@ pub fn format_spec(ruby: &Ruby, hash: RHash) -> Result<FormatSpec, Error> {
         format,
         data_key,
         chomp_record: o.get("chomp_record")?.unwrap_or(false),
+        append_newline: o.get("append_new_line")?.unwrap_or(false),
         compression,
         inject,
         partition_key_field: o.get("partition_key")?,

@@ -96,14 +96,16 @@ impl RbProducer {
             .ok_or_else(|| error(ruby, "ClosedError", "the producer is closed"))
     }
 
-    /// Lists the stream's open shards; returns how many. Raises StreamError saying what to fix.
-    fn check_stream(ruby: &Ruby, rb_self: &Self, stream: String) -> Result<usize, Error> {
+    /// Checks the stream (its open shards) or delivery stream (ACTIVE, direct PUT); returns
+    /// what to log ("is reachable with 2 open shard(s)"). Raises StreamError saying what to fix.
+    fn check_destination(ruby: &Ruby, rb_self: &Self, stream: String) -> Result<String, Error> {
         let producer = rb_self.producer(ruby)?;
+        let noun = producer.config().destination.noun();
         let name = stream.clone();
         let result = nogvl::run(ruby, &*rt(ruby)?, async move {
-            producer.check_stream(&name).await.map(|m| m.len())
+            producer.check_destination(&name).await
         })?;
-        result.map_err(|f| error(ruby, "StreamError", format!("stream {stream:?}: {f}")))
+        result.map_err(|f| error(ruby, "StreamError", format!("{noun} {stream:?}: {f}")))
     }
 
     /// Starts formatting and delivering a chunk in fluentd's standard format; returns the
@@ -391,7 +393,10 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
     formatter.define_singleton_method("new", magnus::function!(RbFormatter::new, 1))?;
     let producer = native.define_class("Producer", ruby.class_object())?;
     producer.define_singleton_method("new", magnus::function!(RbProducer::new, 1))?;
-    producer.define_method("check_stream", magnus::method!(RbProducer::check_stream, 1))?;
+    producer.define_method(
+        "check_destination",
+        magnus::method!(RbProducer::check_destination, 1),
+    )?;
     producer.define_method("start_chunk", magnus::method!(RbProducer::start_chunk, 8))?;
     producer.define_method(
         "start_records",

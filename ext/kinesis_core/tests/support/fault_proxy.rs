@@ -1,6 +1,7 @@
-//! `FaultProxy`: an HTTP/1.1 reverse proxy in front of kinesalite that injects the failures real
-//! Kinesis produces: 5xx answers, whole-call and per-entry throttling, per-entry internal
-//! failures, dropped connections and slow answers. kinesalite never fails on its own.
+//! `FaultProxy`: an HTTP/1.1 reverse proxy in front of a local Kinesis (kinesalite) or Amazon Data
+//! Firehose (moto) that injects the failures the real services produce: 5xx answers, whole-call
+//! and per-entry throttling, per-entry internal failures, dropped connections and slow answers.
+//! Neither local server ever fails on its own.
 //!
 //! Faults are queued per operation (the `X-Amz-Target` suffix) and each applies to one request.
 //! A request with no queued fault gets the first occasional fault (`sometimes`) whose random roll
@@ -8,8 +9,14 @@
 //! fault are forwarded untouched, except that a shard limit ([`ProxyHandle::shard_limit`]) fails
 //! the PutRecords entries over their shard's write rate, as real Kinesis does under load.
 //!
-//! The stats count user records as well as entries: an entry whose data is a KPL aggregate holds
-//! the user records [`kinesis_core::kpl::deaggregate`] finds in it, any other entry one.
+//! The per-entry faults work on both services' batch puts, Kinesis's PutRecords and Firehose's
+//! PutRecordBatch, through one code path that a [`Service`] tells what the batch put's parts are
+//! called and how the service fails a call or an entry. The service of a request is known by its
+//! `X-Amz-Target` prefix.
+//!
+//! The stats count user records as well as entries: a PutRecords entry whose data is a KPL
+//! aggregate holds the user records [`kinesis_core::kpl::deaggregate`] finds in it, any other
+//! entry (every PutRecordBatch entry included) one.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io;
@@ -34,9 +41,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
-const PUT_RECORDS: &str = "PutRecords";
+pub const PUT_RECORDS: &str = "PutRecords";
+pub const PUT_RECORD_BATCH: &str = "PutRecordBatch";
 /// kinesalite's account id, used in the error messages we make up.
 const ACCOUNT: &str = "000000000000";
+/// The ErrorMessage of a throttled Firehose entry, as Firehose words it.
+const SLOW_DOWN: &str = "Slow down.";
 const AMZ_JSON: &str = "application/x-amz-json-1.1";
 /// How long the shard limit trusts its list of a stream's open shards: long enough not to list
 /// them for every request, short enough that a test sees a reshard take effect.
@@ -47,15 +57,96 @@ pub const UNSIGNED: &str = "(unsigned)";
 /// Data starts so are decoded to count their user records.
 const MAGIC_BASE64: &str = "84ma";
 
+/// A service whose batch put the proxy fails entries of, described for the one code path both
+/// services' batch puts go through: what the batch put's parts are called, how many user records
+/// an entry holds, and how the service answers a throttled or failed call or entry. An entry that
+/// fails internally is answered with ErrorCode InternalFailure by both services.
+struct Service {
+    /// The `X-Amz-Target` prefix of the service's operations.
+    target_prefix: &'static str,
+    /// The batch put operation.
+    batch_put: &'static str,
+    /// The batch put request's array of entries.
+    request_entries: &'static str,
+    /// The answer's array of entry answers (one per entry, in order) and its count of failed ones.
+    answer_entries: &'static str,
+    failed_count: &'static str,
+    /// The other fields of an answer the proxy makes up itself (when no entry was forwarded).
+    answer_base: &'static str,
+    /// The ErrorCode of a throttled entry, also the error type of a throttled call, which is
+    /// answered with HTTP `throttle_status`.
+    throttle_code: &'static str,
+    throttle_status: u16,
+    /// The error type of an HTTP 503 answer.
+    unavailable_type: &'static str,
+    /// The user records in an entry.
+    user_records: fn(&Value) -> u64,
+    /// Whether entries go to shards (Kinesis): then a throttle message names the stream and the
+    /// entry's shard, looked up on the upstream, and the shard limit applies. Otherwise throttle
+    /// messages say [`SLOW_DOWN`].
+    sharded: bool,
+}
+
+const KINESIS: Service = Service {
+    target_prefix: "Kinesis_20131202",
+    batch_put: PUT_RECORDS,
+    request_entries: "Records",
+    answer_entries: "Records",
+    failed_count: "FailedRecordCount",
+    answer_base: "{}",
+    throttle_code: "ProvisionedThroughputExceededException",
+    throttle_status: 400,
+    unavailable_type: "ServiceUnavailable",
+    user_records: kpl_user_records,
+    sharded: true,
+};
+
+/// Firehose throttles with ServiceUnavailableException, for a whole call and per entry (entry
+/// message "Slow down."). Firehose's API reference lists it under PutRecordBatch's errors with
+/// "HTTP Status Code: 500", not 503
+/// (docs.aws.amazon.com/firehose/latest/APIReference/API_PutRecordBatch.html), and the Kinesis
+/// Agent logs real throttled calls so ("Errors from firehose ...: ServiceUnavailableException:
+/// 500", awslabs/amazon-kinesis-agent issue 29). A 503 answer (`status 503`) carries the same
+/// error type: Firehose's SDKs know no other for "back off and retry".
+const FIREHOSE: Service = Service {
+    target_prefix: "Firehose_20150804",
+    batch_put: PUT_RECORD_BATCH,
+    request_entries: "Records",
+    answer_entries: "RequestResponses",
+    failed_count: "FailedPutCount",
+    answer_base: r#"{"Encrypted":false}"#,
+    throttle_code: "ServiceUnavailableException",
+    throttle_status: 500,
+    unavailable_type: "ServiceUnavailableException",
+    user_records: one_user_record,
+    sharded: false,
+};
+
+impl Service {
+    /// The service of an `X-Amz-Target` prefix: Firehose for its own, Kinesis for any other
+    /// (kinesalite's, and requests without a target).
+    fn of(target_prefix: &str) -> &'static Service {
+        if target_prefix == FIREHOSE.target_prefix {
+            &FIREHOSE
+        } else {
+            &KINESIS
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Fault {
-    /// Answer this HTTP status (500 or 503) with a Kinesis JSON error body (InternalFailure,
-    /// or ServiceUnavailable for 503). Nothing is forwarded.
+    /// Answer this HTTP status (500 or 503) with a JSON 1.1 error body: InternalFailure, or for
+    /// 503 ServiceUnavailable (Kinesis) or ServiceUnavailableException (Firehose). Nothing is
+    /// forwarded.
     Status(u16),
-    /// HTTP 400 ProvisionedThroughputExceededException for the whole call. Nothing is forwarded.
+    /// Throttle the whole call as the service does: Kinesis answers HTTP 400
+    /// ProvisionedThroughputExceededException, Firehose HTTP 500 ServiceUnavailableException.
+    /// Nothing is forwarded.
     ThrottleRequest,
-    /// PutRecords only: the chosen entries fail with ProvisionedThroughputExceededException and
-    /// never reach kinesalite; the rest are forwarded. Other operations pass through.
+    /// Batch puts only (PutRecords, PutRecordBatch): the chosen entries fail as throttled
+    /// (ProvisionedThroughputExceededException, Firehose ServiceUnavailableException) and never
+    /// reach the upstream; the rest are forwarded. Other operations pass through.
     PartialThrottle(Entries),
     /// As `PartialThrottle`, with ErrorCode InternalFailure.
     PartialInternalFailure(Entries),
@@ -66,7 +157,7 @@ pub enum Fault {
     Delay(Duration),
 }
 
-/// Which PutRecords entries a partial fault fails.
+/// Which entries of a batch put a partial fault fails.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Entries {
     /// round(fraction × entries) entries, at random positions.
@@ -96,22 +187,23 @@ pub struct ProxyStats {
     pub requests: BTreeMap<String, u64>,
     /// Requests a fault was applied to (the shard limit is not a fault).
     pub faults_injected: u64,
-    /// PutRecords entries answered with ProvisionedThroughputExceededException, by a partial
-    /// fault or the shard limit.
+    /// Batch put (PutRecords, PutRecordBatch) entries answered as throttled
+    /// (ProvisionedThroughputExceededException, Firehose ServiceUnavailableException), by a
+    /// partial fault or the shard limit.
     pub entries_throttled: u64,
     /// Of `entries_throttled`, those over the shard limit.
     pub entries_over_shard_limit: u64,
-    /// PutRecords entries answered with InternalFailure by a partial fault.
+    /// Batch put entries answered with InternalFailure by a partial fault.
     pub entries_internal_failure: u64,
-    /// PutRecords entries sent on to kinesalite.
+    /// Batch put entries sent on to the upstream.
     pub entries_forwarded: u64,
-    /// User records in the PutRecords entries sent on to kinesalite and accepted there (answered
-    /// without ErrorCode).
+    /// User records in the batch put entries sent on to the upstream and accepted there
+    /// (answered without ErrorCode).
     pub user_records_forwarded: u64,
-    /// Gauge: PutRecords entries of the requests received and not answered yet, delayed ones and
-    /// those waiting for kinesalite included. A request counts until the proxy is done with it,
-    /// also when its client gave up (a delayed request is still forwarded). `reset_stats` leaves
-    /// the gauges alone.
+    /// Gauge: batch put entries of the requests received and not answered yet, delayed ones and
+    /// those waiting for the upstream included. A request counts until the proxy is done with
+    /// it, also when its client gave up (a delayed request is still forwarded). `reset_stats`
+    /// leaves the gauges alone.
     pub in_flight_put_entries: u64,
     /// Gauge: the user records in `in_flight_put_entries`.
     pub in_flight_user_records: u64,
@@ -227,7 +319,7 @@ impl Bucket {
 }
 
 struct State {
-    /// host:port of kinesalite.
+    /// host:port of the upstream (kinesalite or moto).
     upstream: String,
     plan: Mutex<Plan>,
     stats: Mutex<ProxyStats>,
@@ -246,12 +338,16 @@ impl ProxyHandle {
 
     /// Applies `fault` to each of the next `n` PutRecords requests.
     pub fn push_n(&self, n: usize, fault: Fault) {
+        self.push_n_for(PUT_RECORDS, n, fault);
+    }
+
+    pub fn push_n_for(&self, operation: &str, n: usize, fault: Fault) {
         for _ in 0..n {
-            self.push(fault.clone());
+            self.push_for(operation, fault.clone());
         }
     }
 
-    /// Applies `fault` to the next request of `operation` ("ListShards", "PutRecord", ...).
+    /// Applies `fault` to the next request of `operation` ("ListShards", "PutRecordBatch", ...).
     pub fn push_for(&self, operation: &str, fault: Fault) {
         self.0
             .plan
@@ -367,7 +463,8 @@ pub struct FaultProxy {
 
 impl FaultProxy {
     /// Starts a proxy on 127.0.0.1 (a free port) in front of `upstream_endpoint`
-    /// ("http://127.0.0.1:PORT"). Needs a tokio runtime, which must outlive the proxy.
+    /// ("http://127.0.0.1:PORT", kinesalite or moto). Needs a tokio runtime, which must outlive
+    /// the proxy.
     pub async fn start(upstream_endpoint: &str) -> FaultProxy {
         let upstream = upstream_endpoint
             .trim_start_matches("http://")
@@ -391,7 +488,7 @@ impl FaultProxy {
         }
     }
 
-    /// `http://127.0.0.1:PORT`: give this to the client instead of kinesalite's endpoint.
+    /// `http://127.0.0.1:PORT`: give this to the client instead of the upstream's endpoint.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -453,8 +550,8 @@ impl Drop for InFlight {
     }
 }
 
-/// Counts a PutRecords request's entries and user records in the in-flight gauges until the
-/// proxy is done with it.
+/// Counts a batch put request's entries and user records in the in-flight gauges until the proxy
+/// is done with it.
 struct PutInFlight {
     state: Arc<State>,
     entries: u64,
@@ -486,22 +583,22 @@ impl Drop for PutInFlight {
     }
 }
 
-/// A PutRecords request body, parsed once: an object with a Records array, and the number of
-/// user records in each entry.
+/// A batch put request body, parsed once: an object with an array of entries (the service's
+/// `request_entries`), and the number of user records in each entry.
 struct PutBody {
     body: Value,
     users: Vec<u64>,
 }
 
 impl PutBody {
-    /// None if the body is not a PutRecords request (kinesalite rejects it).
-    fn parse(bytes: &[u8]) -> Option<PutBody> {
+    /// None if the body is not a batch put request of `service` (the upstream rejects it).
+    fn parse(bytes: &[u8], service: &Service) -> Option<PutBody> {
         let body: Value = serde_json::from_slice(bytes).ok()?;
         let users = body
-            .get("Records")?
+            .get(service.request_entries)?
             .as_array()?
             .iter()
-            .map(user_records)
+            .map(service.user_records)
             .collect();
         Some(PutBody { body, users })
     }
@@ -516,7 +613,7 @@ fn access_key_id(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The user records in a PutRecords entry: those of a KPL aggregate, else 1.
-fn user_records(entry: &Value) -> u64 {
+fn kpl_user_records(entry: &Value) -> u64 {
     let data = entry["Data"].as_str().unwrap_or_default();
     if !data.starts_with(MAGIC_BASE64) {
         return 1;
@@ -530,16 +627,23 @@ fn user_records(entry: &Value) -> u64 {
     }
 }
 
+/// A PutRecordBatch entry is one user record: Firehose does not deaggregate.
+fn one_user_record(_entry: &Value) -> u64 {
+    1
+}
+
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> io::Result<Response<Full<Bytes>>> {
     let in_flight = InFlight::start(&state);
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
-    let operation = parts
+    let target = parts
         .headers
         .get("x-amz-target")
         .and_then(|v| v.to_str().ok())
-        .map(|t| t.rsplit('.').next().unwrap_or(t).to_string())
         .unwrap_or_default();
+    let (target_prefix, operation) = target.rsplit_once('.').unwrap_or(("", target));
+    let service = Service::of(target_prefix);
+    let operation = operation.to_string();
     let access_key = access_key_id(&parts.headers)
         .unwrap_or(UNSIGNED)
         .to_string();
@@ -550,8 +654,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> io::Result<Respons
             .entry(operation.clone())
             .or_default() += 1;
     });
-    let put = match operation == PUT_RECORDS {
-        true => PutBody::parse(&body),
+    let put = match operation == service.batch_put {
+        true => PutBody::parse(&body, service),
         false => None,
     };
     let put_in_flight = put.as_ref().map(|p| PutInFlight::start(&state, p));
@@ -561,6 +665,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> io::Result<Respons
         let _in_flight = (in_flight, put_in_flight);
         respond(
             &state,
+            service,
             &operation,
             fault,
             Request::from_parts(parts, body),
@@ -650,15 +755,16 @@ impl State {
 /// The response for one request; `Err` closes the connection without one.
 async fn respond(
     state: &State,
+    service: &Service,
     operation: &str,
     fault: Option<Fault>,
     req: Request<Bytes>,
     put: Option<PutBody>,
 ) -> io::Result<Response<Bytes>> {
-    // Partial faults only make sense for PutRecords; anything else passes through.
+    // Partial faults only make sense for a batch put; anything else passes through.
     let fault = match fault {
         Some(Fault::PartialThrottle(_) | Fault::PartialInternalFailure(_))
-            if operation != PUT_RECORDS =>
+            if operation != service.batch_put =>
         {
             None
         }
@@ -668,10 +774,10 @@ async fn respond(
         state.count(|s| s.faults_injected += 1);
     }
     match fault {
-        None => Ok(pass_on(state, operation, req, put).await),
+        None => Ok(pass_on(state, service, operation, req, put).await),
         Some(Fault::Status(code)) => {
             let kind = if code == 503 {
-                "ServiceUnavailable"
+                service.unavailable_type
             } else {
                 "InternalFailure"
             };
@@ -684,20 +790,26 @@ async fn respond(
         Some(Fault::ThrottleRequest) => {
             let body: Value = serde_json::from_slice(req.body()).unwrap_or_default();
             let stream = stream_name(&body);
-            let first = body["Records"].get(0).unwrap_or(&body);
-            let shard = shards_of(state, &stream, &[first]).await.pop().flatten();
-            let message = throttle_message(&stream, shard.as_deref());
+            let shard = if service.sharded {
+                let first = body[service.request_entries].get(0).unwrap_or(&body);
+                shards_of(state, &stream, &[first]).await.pop().flatten()
+            } else {
+                None
+            };
+            let message = throttle_message(service, &stream, shard.as_deref());
             Ok(error_response(
-                400,
-                "ProvisionedThroughputExceededException",
+                service.throttle_status,
+                service.throttle_code,
                 &message,
             ))
         }
         Some(Fault::PartialThrottle(entries)) => {
-            Ok(put_records(state, req, put, Some((entries, FailureKind::Throttle))).await)
+            let partial = Some((entries, FailureKind::Throttle));
+            Ok(put_batch(state, service, req, put, partial).await)
         }
         Some(Fault::PartialInternalFailure(entries)) => {
-            Ok(put_records(state, req, put, Some((entries, FailureKind::Internal))).await)
+            let partial = Some((entries, FailureKind::Internal));
+            Ok(put_batch(state, service, req, put, partial).await)
         }
         Some(Fault::Reset) => Err(io::Error::new(
             io::ErrorKind::ConnectionReset,
@@ -705,21 +817,22 @@ async fn respond(
         )),
         Some(Fault::Delay(delay)) => {
             tokio::time::sleep(delay).await;
-            Ok(pass_on(state, operation, req, put).await)
+            Ok(pass_on(state, service, operation, req, put).await)
         }
     }
 }
 
-/// Forwards a request no whole-call fault stopped: PutRecords subject to the shard limit,
-/// anything else untouched.
+/// Forwards a request no whole-call fault stopped: a batch put through [`put_batch`] (for the
+/// shard limit), anything else untouched.
 async fn pass_on(
     state: &State,
+    service: &Service,
     operation: &str,
     req: Request<Bytes>,
     put: Option<PutBody>,
 ) -> Response<Bytes> {
-    if operation == PUT_RECORDS {
-        put_records(state, req, put, None).await
+    if operation == service.batch_put {
+        put_batch(state, service, req, put, None).await
     } else {
         forward_counted(state, req, 0).await
     }
@@ -731,19 +844,25 @@ enum FailureKind {
     Internal,
 }
 
-/// Fails the PutRecords entries a partial fault picks, then those over the shard limit, forwards
-/// the rest, and splices the failures back into kinesalite's answer at their original positions.
-/// A request with no entry to fail is forwarded untouched. `put` is the request's body, parsed.
-async fn put_records(
+/// Fails the batch put entries a partial fault picks, then (Kinesis only) those over the shard
+/// limit, forwards the rest, and splices the failures back into the upstream's answer at their
+/// original positions. A request with no entry to fail is forwarded untouched. `put` is the
+/// request's body, parsed.
+async fn put_batch(
     state: &State,
+    service: &Service,
     req: Request<Bytes>,
     put: Option<PutBody>,
     partial: Option<(Entries, FailureKind)>,
 ) -> Response<Bytes> {
     let Some(PutBody { mut body, users }) = put else {
-        return forward_counted(state, req, 0).await; // let kinesalite reject it
+        return forward_counted(state, req, 0).await; // let the upstream reject it
     };
-    let records = std::mem::take(body["Records"].as_array_mut().expect("checked above"));
+    let records = std::mem::take(
+        body[service.request_entries]
+            .as_array_mut()
+            .expect("checked by PutBody::parse"),
+    );
     let total = records.len();
     let stream = stream_name(&body);
 
@@ -754,13 +873,16 @@ async fn put_records(
         let picked = entries.pick(total);
         match kind {
             FailureKind::Throttle => {
-                let picked_records: Vec<&Value> = picked.iter().map(|&i| &records[i]).collect();
-                let shards = shards_of(state, &stream, &picked_records).await;
+                let shards = if service.sharded {
+                    let picked_records: Vec<&Value> = picked.iter().map(|&i| &records[i]).collect();
+                    shards_of(state, &stream, &picked_records).await
+                } else {
+                    vec![None; picked.len()]
+                };
                 failures.extend(
-                    picked
-                        .iter()
-                        .zip(&shards)
-                        .map(|(&i, shard)| (i, throttled_entry(&stream, shard.as_deref()))),
+                    picked.iter().zip(&shards).map(|(&i, shard)| {
+                        (i, throttled_entry(service, &stream, shard.as_deref()))
+                    }),
                 );
                 throttled = picked.len();
             }
@@ -771,16 +893,19 @@ async fn put_records(
             }
         }
     }
-    let over_limit = state.over_shard_limit(&stream, &records, &failures).await;
+    let over_limit = match service.sharded {
+        true => state.over_shard_limit(&stream, &records, &failures).await,
+        false => Vec::new(),
+    };
     let over_limit_count = over_limit.len();
     failures.extend(
         over_limit
             .into_iter()
-            .map(|(i, shard)| (i, throttled_entry(&stream, Some(&shard)))),
+            .map(|(i, shard)| (i, throttled_entry(service, &stream, Some(&shard)))),
     );
     if failures.is_empty() {
         let upstream = forward_counted(state, req, total).await;
-        count_accepted(state, &users, &upstream);
+        count_accepted(state, service, &users, &upstream);
         return upstream;
     }
 
@@ -791,12 +916,13 @@ async fn put_records(
         .filter(|(i, _)| !failures.contains_key(i))
         .map(|(_, kept)| kept)
         .unzip();
-    // With nothing left to send, answer as Kinesis would: 200, every entry failed.
+    // With nothing left to send, answer as the service would: 200, every entry failed.
     let (mut head, mut answer, landed) = if kept.is_empty() {
-        (Response::new(()).into_parts().0, json!({}), Vec::new())
+        let answer = serde_json::from_str(service.answer_base).expect("answer_base is JSON");
+        (Response::new(()).into_parts().0, answer, Vec::new())
     } else {
         let sent = kept.len();
-        body["Records"] = Value::Array(kept);
+        body[service.request_entries] = Value::Array(kept);
         let (parts, _) = req.into_parts();
         let upstream = forward_counted(
             state,
@@ -805,11 +931,11 @@ async fn put_records(
         )
         .await;
         if upstream.status() != StatusCode::OK {
-            return upstream; // kinesalite refused the rest (validation etc.): pass that on
+            return upstream; // the upstream refused the rest (validation etc.): pass that on
         }
         let (head, upstream_body) = upstream.into_parts();
         let mut answer: Value = serde_json::from_slice(&upstream_body).unwrap_or_default();
-        let landed = answer["Records"]
+        let landed = answer[service.answer_entries]
             .as_array_mut()
             .map(std::mem::take)
             .unwrap_or_default();
@@ -817,7 +943,10 @@ async fn put_records(
             let text = String::from_utf8_lossy(&upstream_body);
             return plain_response(
                 StatusCode::BAD_GATEWAY,
-                format!("FaultProxy: unexpected PutRecords answer: {text}"),
+                format!(
+                    "FaultProxy: unexpected {} answer: {text}",
+                    service.batch_put
+                ),
             );
         }
         (head, answer, landed)
@@ -842,8 +971,8 @@ async fn put_records(
         .iter()
         .filter(|e| e.get("ErrorCode").is_some())
         .count();
-    answer["FailedRecordCount"] = json!(failed_count);
-    answer["Records"] = Value::Array(spliced);
+    answer[service.failed_count] = json!(failed_count);
+    answer[service.answer_entries] = Value::Array(spliced);
     state.count(|s| {
         s.entries_throttled += (throttled + over_limit_count) as u64;
         s.entries_over_shard_limit += over_limit_count as u64;
@@ -860,9 +989,9 @@ async fn put_records(
     Response::from_parts(head, body)
 }
 
-/// Counts the user records of the entries kinesalite accepted in its answer to a PutRecords
-/// request forwarded untouched; `users` has the user records of each entry.
-fn count_accepted(state: &State, users: &[u64], upstream: &Response<Bytes>) {
+/// Counts the user records of the entries the upstream accepted in its answer to a batch put
+/// forwarded untouched; `users` has the user records of each entry.
+fn count_accepted(state: &State, service: &Service, users: &[u64], upstream: &Response<Bytes>) {
     if upstream.status() != StatusCode::OK {
         return;
     }
@@ -873,7 +1002,7 @@ fn count_accepted(state: &State, users: &[u64], upstream: &Response<Bytes>) {
         users.iter().sum()
     } else {
         let answer: Value = serde_json::from_slice(body).unwrap_or_default();
-        let answers = answer["Records"]
+        let answers = answer[service.answer_entries]
             .as_array()
             .map(Vec::as_slice)
             .unwrap_or_default();
@@ -890,16 +1019,16 @@ fn count_accepted(state: &State, users: &[u64], upstream: &Response<Bytes>) {
     state.count(|s| s.user_records_forwarded += accepted);
 }
 
-/// Whether a PutRecords answer entry is a success (has no ErrorCode).
+/// Whether a batch put answer entry is a success (has no ErrorCode).
 fn accepted_entry(answer: &Value) -> bool {
     matches!(answer.get("ErrorCode"), None | Some(Value::Null))
 }
 
-/// A PutRecords answer entry for an entry that was throttled.
-fn throttled_entry(stream: &str, shard: Option<&str>) -> Value {
+/// A batch put answer entry for an entry that was throttled.
+fn throttled_entry(service: &Service, stream: &str, shard: Option<&str>) -> Value {
     json!({
-        "ErrorCode": "ProvisionedThroughputExceededException",
-        "ErrorMessage": throttle_message(stream, shard),
+        "ErrorCode": service.throttle_code,
+        "ErrorMessage": throttle_message(service, stream, shard),
     })
 }
 
@@ -910,6 +1039,7 @@ fn plain_response(status: StatusCode, text: String) -> Response<Bytes> {
         .expect("valid response")
 }
 
+/// A JSON 1.1 error answer, as both services give.
 fn error_response(status: u16, kind: &str, message: &str) -> Response<Bytes> {
     let body = Bytes::from(json!({"__type": kind, "message": message}).to_string());
     Response::builder()
@@ -920,12 +1050,13 @@ fn error_response(status: u16, kind: &str, message: &str) -> Response<Bytes> {
         .expect("valid error response")
 }
 
-fn throttle_message(stream: &str, shard: Option<&str>) -> String {
-    match shard {
-        Some(shard) => {
+fn throttle_message(service: &Service, stream: &str, shard: Option<&str>) -> String {
+    match (service.sharded, shard) {
+        (false, _) => SLOW_DOWN.to_string(),
+        (true, Some(shard)) => {
             format!("Rate exceeded for shard {shard} in stream {stream} under account {ACCOUNT}.")
         }
-        None => format!("Rate exceeded for stream {stream} under account {ACCOUNT}."),
+        (true, None) => format!("Rate exceeded for stream {stream} under account {ACCOUNT}."),
     }
 }
 
@@ -1006,7 +1137,7 @@ async fn list_open_shards(state: &State, stream: &str) -> Option<Vec<OpenShard>>
     )
 }
 
-/// Forwards, counting `entries` PutRecords entries as forwarded; an unreachable upstream becomes
+/// Forwards, counting `entries` batch put entries as forwarded; an unreachable upstream becomes
 /// a 502.
 async fn forward_counted(state: &State, req: Request<Bytes>, entries: usize) -> Response<Bytes> {
     state.count(|s| s.entries_forwarded += entries as u64);

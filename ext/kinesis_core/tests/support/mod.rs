@@ -1,6 +1,6 @@
 //! Integration-test support: a real local Kinesis (kinesalite), an SDK client for it, stream
-//! helpers, and [`FaultProxy`], which sits between a client and kinesalite and injects the
-//! failures real Kinesis produces.
+//! helpers, a local Amazon Data Firehose and S3 ([`Moto`]), and [`FaultProxy`], which sits between
+//! a client and kinesalite or moto and injects the failures the real services produce.
 //!
 //! Every integration test file that does `mod support;` compiles all of this, and no file uses
 //! all of it.
@@ -10,7 +10,8 @@ mod fault_proxy;
 
 pub use fault_proxy::{Entries, Fault, FaultProxy, ProxyHandle, ProxyStats};
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -133,6 +134,145 @@ impl Kinesalite {
 impl Drop for Kinesalite {
     fn drop(&mut self) {
         // `Child::kill` signals our own child by its PID; `wait` reaps it.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A moto server (`python3 -m moto.server`, PyPI moto[server]) on 127.0.0.1, owned by this test
+/// process: Firehose, S3 and the other services moto mocks, on one port.
+///
+/// Like [`Kinesalite`], it stops when this value is dropped, and also when the test process exits
+/// in any way, because the server exits when its stdin (a pipe from us) closes.
+pub struct Moto {
+    child: Child,
+    port: u16,
+    // Held only so the pipe stays open while we live.
+    _stdin: ChildStdin,
+}
+
+/// Runs moto's server (argv: -H HOST -p PORT), exiting when its stdin closes, as
+/// test/support/moto_server.rb does; says so on stderr and exits if moto cannot be imported.
+const MOTO_LAUNCHER: &str = r#"
+import os, sys, threading
+
+def exit_when_stdin_closes():
+    sys.stdin.buffer.read()
+    os._exit(0)
+
+threading.Thread(target=exit_when_stdin_closes, daemon=True).start()
+try:
+    from moto.server import main
+except ImportError as e:
+    sys.exit(f"moto[server] is not installed: {e}")
+main(sys.argv[1:])
+"#;
+
+impl Moto {
+    /// Starts a fresh server (1–2 s) on a free port, trying another if moto exits because some
+    /// other process took the port first. Panics, saying what to run, if moto is missing.
+    pub fn start() -> Moto {
+        let setup = "pip install -r test/support/requirements.txt";
+        for _ in 0..3 {
+            // A port free now; moto may still lose it to another process before it binds.
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port on 127.0.0.1")
+                .port();
+            let mut child = Command::new("python3")
+                .args(["-c", MOTO_LAUNCHER, "-H", "127.0.0.1", "-p"])
+                .arg(port.to_string())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run `python3` ({e}): install Python 3, then {setup}")
+                });
+            let stdin = child.stdin.take().expect("piped stdin");
+            // Drained on a thread, so moto's request log never fills the pipe. Its start (what a
+            // moto that exited said) is kept for the message.
+            let mut stderr = child.stderr.take().expect("piped stderr");
+            let log = std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut head);
+                let _ = std::io::copy(&mut stderr, &mut std::io::sink());
+                String::from_utf8_lossy(&head).into_owned()
+            });
+            let mut moto = Moto {
+                child,
+                port,
+                _stdin: stdin,
+            };
+            let deadline = Instant::now() + STARTUP_TIMEOUT;
+            loop {
+                if moto.request("GET", "/moto-api/reset").is_ok() {
+                    return moto;
+                }
+                if let Some(status) = moto.child.try_wait().expect("moto's status") {
+                    let log = log.join().unwrap_or_default();
+                    assert!(
+                        !log.contains("moto[server] is not installed"),
+                        "{}: {setup}",
+                        log.trim()
+                    );
+                    eprintln!("moto exited ({status}) before it listened on port {port}:\n{log}");
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "moto did not answer on port {port} within {STARTUP_TIMEOUT:?}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        panic!("moto did not start in 3 attempts");
+    }
+
+    /// One server per test binary, started on first use. It is never dropped: it exits with the
+    /// test process when its stdin pipe closes. Give each test its own resource names.
+    pub fn shared() -> &'static Moto {
+        static SHARED: OnceLock<Moto> = OnceLock::new();
+        SHARED.get_or_init(Moto::start)
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A plain HTTP/1.0 request without a body, e.g. to S3's path-style API (`PUT /BUCKET`,
+    /// `GET /BUCKET?list-type=2`, `GET /BUCKET/KEY`): the status and the body. It is not signed,
+    /// but carries a signature-shaped `Authorization` header, which moto does not check: without
+    /// one, moto's S3 serves only public objects.
+    pub fn request(&self, method: &str, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let authorization = "AWS4-HMAC-SHA256 Credential=test/20240101/us-east-1/s3/aws4_request, \
+                             SignedHeaders=host, Signature=0";
+        write!(
+            stream,
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nAuthorization: {authorization}\r\n\
+             Content-Length: 0\r\n\r\n",
+            self.port
+        )?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer)?;
+        let bad = || std::io::Error::other(format!("not an HTTP answer: {answer:?}"));
+        let split = answer
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(bad)?;
+        let status = std::str::from_utf8(&answer[..split])
+            .ok()
+            .and_then(|head| head.split(' ').nth(1)?.parse().ok())
+            .ok_or_else(bad)?;
+        Ok((status, answer[split + 4..].to_vec()))
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -387,4 +527,92 @@ pub async fn split_shard(
         .unwrap_or_else(|e| panic!("SplitShard {stream}/{shard_id}: {}", DisplayErrorContext(e)));
     wait_until_active(client, stream).await;
     list_shards(client, stream).await
+}
+
+/// A Firehose client for `endpoint` (moto, or a proxy in front of it), set up as the Kinesis
+/// clients here are (region us-east-1, dummy static credentials), without retries so each fault
+/// a proxy injects surfaces as it is.
+pub fn firehose_client(endpoint: &str) -> aws_sdk_firehose::Client {
+    let config = aws_sdk_firehose::Config::builder()
+        .behavior_version(aws_sdk_firehose::config::BehaviorVersion::latest())
+        .region(aws_sdk_firehose::config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_firehose::config::Credentials::new(
+            "AKIDTEST",
+            "test-secret",
+            None,
+            None,
+            "kinesis-core-tests",
+        ))
+        .endpoint_url(endpoint)
+        .retry_config(aws_sdk_firehose::config::retry::RetryConfig::disabled())
+        .timeout_config(
+            aws_sdk_firehose::config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .build(),
+        )
+        .build();
+    aws_sdk_firehose::Client::from_conf(config)
+}
+
+/// A fresh bucket on `moto` and a direct PUT delivery stream writing into it; returns (delivery
+/// stream, bucket). moto writes each PutRecordBatch call it gets as one S3 object, the call's
+/// records concatenated.
+pub async fn create_delivery_stream(moto: &Moto, prefix: &str) -> (String, String) {
+    use aws_sdk_firehose::types::{BufferingHints, ExtendedS3DestinationConfiguration};
+    let bucket = unique_stream_name(&format!("{prefix}-bucket"));
+    let (status, body) = moto.request("PUT", &format!("/{bucket}")).unwrap();
+    assert_eq!(
+        status,
+        200,
+        "PUT /{bucket}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let stream = unique_stream_name(prefix);
+    let destination = ExtendedS3DestinationConfiguration::builder()
+        .role_arn("arn:aws:iam::123456789012:role/firehose")
+        .bucket_arn(format!("arn:aws:s3:::{bucket}"))
+        .buffering_hints(
+            BufferingHints::builder()
+                .size_in_mbs(1)
+                .interval_in_seconds(0)
+                .build(),
+        )
+        .build()
+        .unwrap();
+    firehose_client(&moto.endpoint())
+        .create_delivery_stream()
+        .delivery_stream_name(&stream)
+        .extended_s3_destination_configuration(destination)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("CreateDeliveryStream {stream}: {}", DisplayErrorContext(e)));
+    (stream, bucket)
+}
+
+/// The bytes of every object in `bucket` on `moto`: one per PutRecordBatch call that delivered
+/// something. Read with unsigned path-style GETs; the keys are found in ListObjectsV2's XML.
+pub fn s3_objects(moto: &Moto, bucket: &str) -> Vec<Vec<u8>> {
+    let get = |path: String| {
+        let (status, body) = moto.request("GET", &path).unwrap();
+        assert_eq!(
+            status,
+            200,
+            "GET {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        body
+    };
+    let listing = String::from_utf8(get(format!("/{bucket}?list-type=2&max-keys=1000"))).unwrap();
+    assert!(
+        !listing.contains("<IsTruncated>true"),
+        "more than 1000 objects in {bucket}: page through them"
+    );
+    listing
+        .split("<Key>")
+        .skip(1)
+        .map(|rest| {
+            let key = &rest[..rest.find("</Key>").expect("</Key>")];
+            get(format!("/{bucket}/{key}"))
+        })
+        .collect()
 }
