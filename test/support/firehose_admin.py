@@ -33,7 +33,9 @@ def create(endpoint, name):
     client("firehose", endpoint).create_delivery_stream(
         DeliveryStreamName=name, DeliveryStreamType="DirectPut",
         ExtendedS3DestinationConfiguration={
-            "RoleARN": ROLE, "BucketARN": f"arn:aws:s3:::{bucket}", "Prefix": "logs/",
+            # CompressionFormat as the service reports it: moto leaves it out of its description
+            # otherwise, and the AWS SDK for Rust refuses such an answer.
+            "RoleARN": ROLE, "BucketARN": f"arn:aws:s3:::{bucket}", "Prefix": "logs/", "CompressionFormat": "UNCOMPRESSED",
             "BufferingHints": {"SizeInMBs": 1, "IntervalInSeconds": 60}})
 
 

@@ -112,8 +112,11 @@ class FluentdProcess
   # The config the demo and the tests run: in_tail (apache2) of `log` -> this plugin.
   #
   #   dir:             where the pos file and a file buffer go by default
+  #   output:          the output (kinesis_streams_aggregated by default, kinesis_streams,
+  #                    kinesis_firehose: then `stream` is the delivery_stream_name)
   #   stream:, endpoint:, region:, aws_key_id:, aws_sec_key:   the plugin's connection (fake
   #                    static credentials by default)
+  #   parse:           in_tail's parser (apache2 by default; none keeps each line in "message")
   #   log:             the tailed file (default dir/access.log); tag: its tag (apache.access)
   #   read_from_head:  in_tail's (default true); pos_file: default "#{log}.pos"
   #   tail:            false leaves in_tail out (e.g. events only through in_forward)
@@ -133,6 +136,7 @@ class FluentdProcess
   #                    tag in "tag") to exactly this file, flushed immediately
   #   extra:           raw config text appended at the end
   def self.pipeline_config(dir:, stream:, endpoint:, log: nil, tag: "apache.access", read_from_head: true,
+                           output: "kinesis_streams_aggregated", parse: "apache2",
                            pos_file: nil, tail: true, tail_worker: 0, region: "ap-northeast-1",
                            aws_key_id: "AKIDTEST", aws_sec_key: "secretsecret", plugin: nil, buffer: {},
                            match: nil, monitor_port: nil, forward_port: nil, workers: nil, system: nil,
@@ -151,7 +155,7 @@ class FluentdProcess
       parts << section("source", ["@type forward", "bind 127.0.0.1", "port #{forward_port}"])
     end
     if tail
-      source = tail_source(log: log, pos_file: pos_file, tag: tag, read_from_head: read_from_head)
+      source = tail_source(log: log, pos_file: pos_file, tag: tag, read_from_head: read_from_head, parse: parse)
       parts << (workers.to_i > 1 ? section("worker #{tail_worker}", [source]) : source)
     end
     buffer = { flush_interval: "1s" }.merge(buffer.transform_keys(&:to_sym))
@@ -162,7 +166,8 @@ class FluentdProcess
     buffer_lines << "@type #{type}" if type
     buffer_lines.concat(buffer.map { |k, v| "#{k} #{v}" })
     parts << section("match #{match || tag}",
-                     ["@type kinesis_streams_aggregated", "stream_name #{stream}", "region #{region}", "endpoint #{endpoint}",
+                     ["@type #{output}", "#{output == "kinesis_firehose" ? "delivery_stream_name" : "stream_name"} #{stream}",
+                      "region #{region}", "endpoint #{endpoint}",
                       *("aws_key_id #{aws_key_id}" if aws_key_id), *("aws_sec_key #{aws_sec_key}" if aws_sec_key),
                       *lines(plugin),
                       section(chunk_keys ? "buffer #{Array(chunk_keys).join(",")}" : "buffer", buffer_lines)])
@@ -171,10 +176,10 @@ class FluentdProcess
     parts.join
   end
 
-  # The <source> of in_tail reading the Apache log at `log` (apache2 parser).
-  def self.tail_source(log:, pos_file: nil, tag: "apache.access", read_from_head: true)
+  # The <source> of in_tail reading the Apache log at `log` (apache2 parser unless `parse` says).
+  def self.tail_source(log:, pos_file: nil, tag: "apache.access", read_from_head: true, parse: "apache2")
     section("source", ["@type tail", "path #{log}", "pos_file #{pos_file || "#{log}.pos"}", "tag #{tag}",
-                       ("read_from_head true" if read_from_head), section("parse", ["@type apache2"])].compact)
+                       ("read_from_head true" if read_from_head), section("parse", ["@type #{parse}"])].compact)
   end
 
   # <label @ERROR> writing error events to `path`, one JSON object a line.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kinesis_core::batch::RecordBatch;
 use kinesis_core::cancel::CancelToken;
-use kinesis_core::config::{Credentials, KeyMode, ProducerConfig};
+use kinesis_core::config::{Credentials, Destination, KeyMode, ProducerConfig};
 use kinesis_core::error::FailureKind;
 use kinesis_core::kpl::{deaggregate, kcl_user_records, Deaggregated};
 use kinesis_core::producer::{BatchOutcome, Producer, RecordStatus};
@@ -196,6 +196,103 @@ async fn partial_throttling_5xx_resets_and_timeouts_lose_nothing() {
             seen.get(b.data(i)).copied().unwrap_or(0) >= 1,
             "user record {i} lost"
         );
+    }
+}
+
+/// kinesis_streams: one Kinesis record per user record, each with its own partition key (the
+/// record's, or a fresh random one) landing on the shard its key hashes to, bytes untouched,
+/// PutRecords calls packed to the entry limit; through throttled and failed entries and calls,
+/// every record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unaggregated_records_keep_their_keys_and_arrive_once_through_faults() {
+    let k = Kinesalite::start();
+    let proxy = FaultProxy::start(&k.endpoint()).await;
+    let admin = support::client(&k.endpoint()).await;
+    for mode in [KeyMode::PerRecord, KeyMode::RandomPerAggregate] {
+        let stream = support::unique_stream_name("unaggregated");
+        support::create_stream(&admin, &stream, 4).await;
+        let mut cfg = config(&proxy.endpoint(), mode.clone());
+        cfg.destination = Destination::Streams { aggregate: false };
+        cfg.max_retries = 30;
+        let producer = Producer::new(cfg).await.unwrap();
+        proxy.clear();
+        proxy.always(Fault::PartialThrottle(Entries::Fraction(0.2)));
+        proxy.sometimes(0.1, Fault::Status(500));
+        proxy.sometimes(0.1, Fault::PartialInternalFailure(Entries::Fraction(0.3)));
+        let b = batch(3_000, (mode == KeyMode::PerRecord).then_some(97));
+        let o = producer
+            .put(&stream, &b, &all(b.len()), &go(), &|_| {})
+            .await;
+        assert_all_delivered(&o);
+        let c = &o.counters;
+        assert_eq!((c.kinesis_records, c.aggregates), (3_000, 0), "{c:?}");
+        assert!(c.throttled_entries > 0 && c.retried_entries > 0, "{c:?}");
+        let first_calls = c.requests - c.request_errors;
+        assert!(
+            first_calls >= 6,
+            "3,000 records need at least 6 calls of 500"
+        );
+
+        let records = support::read_all(&admin, &stream).await;
+        assert_eq!(records.len(), 3_000, "one Kinesis record per user record");
+        let mut keys = std::collections::HashSet::new();
+        for r in &records {
+            assert!(
+                matches!(deaggregate(&r.data), Deaggregated::PassThrough),
+                "not aggregated"
+            );
+            let hash = kinesis_core::hashkey::partition_key_hash(&r.partition_key);
+            assert!(hash >= r.starting_hash_key && hash <= r.ending_hash_key);
+            let i = (0..b.len())
+                .find(|&i| b.data(i) == r.data.as_slice())
+                .unwrap();
+            match b.partition_key(i) {
+                Some(key) => assert_eq!(r.partition_key, key),
+                None => assert_eq!(r.partition_key.len(), 32),
+            }
+            keys.insert(r.partition_key.clone());
+        }
+        if mode == KeyMode::RandomPerAggregate {
+            assert_eq!(keys.len(), 3_000, "a fresh random key per record");
+        }
+        assert_each_once(&b, &kcl_view(&k.endpoint(), &stream).await);
+    }
+}
+
+/// kinesis_streams: a record's explicit hash key decides its shard; a record too large with its
+/// key is refused with the reason, the others delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unaggregated_explicit_hash_keys_and_oversized_records() {
+    let k = Kinesalite::start();
+    let admin = support::client(&k.endpoint()).await;
+    let stream = support::unique_stream_name("unaggregated-ehk");
+    support::create_stream(&admin, &stream, 4).await;
+    let mut cfg = config(&k.endpoint(), KeyMode::PerRecord);
+    cfg.destination = Destination::Streams { aggregate: false };
+    let producer = Producer::new(cfg).await.unwrap();
+    let mut b = RecordBatch::default();
+    for i in 0..40u128 {
+        let ehk = (i % 4) * (u128::MAX / 4) + 1000 + i;
+        b.push(format!("ehk {i}").as_bytes(), Some("same-key"), Some(ehk));
+    }
+    b.push(&vec![b'x'; 1024 * 1024], Some("k"), None);
+    let o = producer
+        .put(&stream, &b, &all(b.len()), &go(), &|_| {})
+        .await;
+    let RecordStatus::Refused(f) = o.status[40] else {
+        panic!("the oversized record was not refused: {:?}", o.status[40])
+    };
+    assert!(o.failures[f as usize].message.contains("1048577 bytes"));
+    assert_eq!(o.counters.delivered, 40);
+    let records = support::read_all(&admin, &stream).await;
+    assert_eq!(records.len(), 40);
+    for r in records {
+        let i: u128 = String::from_utf8(r.data[4..].to_vec())
+            .unwrap()
+            .parse()
+            .unwrap();
+        let ehk = (i % 4) * (u128::MAX / 4) + 1000 + i;
+        assert!(ehk >= r.starting_hash_key && ehk <= r.ending_hash_key);
     }
 }
 

@@ -14,7 +14,9 @@ module Fluent
 
       PLUGIN_TYPE = "kinesis_streams"
       # Kinesis records are user records here: no aggregates, no re-routing after a reshard.
-      COUNTERS = StreamsOutput::COUNTERS.reject { |name, _| %w[aggregates wrong_shard resent_user_records].include?(name) }.freeze
+      COUNTERS = KinesisRs::StreamsOutput::COUNTERS.reject do |name, _|
+        %w[aggregates wrong_shard resent_user_records].include?(name)
+      end.freeze
 
       # fluentd decides an output is buffered by #write defined on the registered class itself.
       def write(chunk)

@@ -571,6 +571,8 @@ pub async fn create_delivery_stream(moto: &Moto, prefix: &str) -> (String, Strin
     let destination = ExtendedS3DestinationConfiguration::builder()
         .role_arn("arn:aws:iam::123456789012:role/firehose")
         .bucket_arn(format!("arn:aws:s3:::{bucket}"))
+        // As the service reports it: moto leaves it out of its description otherwise.
+        .compression_format(aws_sdk_firehose::types::CompressionFormat::Uncompressed)
         .buffering_hints(
             BufferingHints::builder()
                 .size_in_mbs(1)
