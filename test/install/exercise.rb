@@ -6,7 +6,8 @@
 #
 #   fluentd   (fluentd and its C-extension dependencies load on this Ruby) fluentd finds the
 #             output `kinesis_streams_aggregated` among the installed gems, fluentd's output
-#             driver feeds it Apache log lines, and it formats, aggregates and delivers them
+#             driver feeds it Apache log lines, and it formats, aggregates and delivers them;
+#             `kinesis_streams` and `kinesis_firehose` are found and configured
 #   native    (no fluentd on this Ruby) the gem's extension formats a msgpack chunk of the same
 #             lines (encoded here, without the msgpack gem), aggregates and delivers it
 #
@@ -103,6 +104,14 @@ sent =
     end
     errors = driver.error_events
     fail!("#{errors.size} events went to the error stream: #{errors.first.inspect}") unless errors.empty?
+    # The other two outputs load and configure on this Ruby too (they share the engine).
+    { "kinesis_streams" => "stream_name #{stream}", "kinesis_firehose" => "delivery_stream_name #{stream}" }.each do |type, name|
+      other = Fluent::Plugin.new_output(type).class
+      fail!("@type #{type} is #{other}, not this gem's") unless other.name.to_s.end_with?("RsOutput")
+      Fluent::Test::Driver::Output.new(other).configure(
+        Fluent::Config.parse("#{name}\nregion us-east-1\nendpoint #{endpoint}", "(install-check)", "", syntax: :v1)
+      )
+    end
     lines.map { |l| "#{l}\n" }
   when "native"
     # By its full path, as fluentd's plugin search does: activating the gem would look for
