@@ -174,7 +174,7 @@ struct Planner<'a> {
     refused: Vec<Refused>,
 }
 
-impl Planner<'_> {
+impl<'a> Planner<'a> {
     /// Sends what `open` holds: raw when it is one record that cannot be mistaken for an
     /// aggregate (as the KPL does), else as an aggregate.
     fn flush(&mut self, open: &mut Open, per_record_keys: bool) {
@@ -219,6 +219,26 @@ impl Planner<'_> {
                 lands_safely_anywhere: true,
             }
         });
+    }
+
+    /// Record `i`'s own partition key, if it has a valid one; else it is refused, saying why.
+    fn valid_key(&mut self, i: u32) -> Option<&'a str> {
+        let batch: &'a RecordBatch = self.batch;
+        let Some(key) = batch.partition_key(i as usize) else {
+            self.refused.push(Refused {
+                index: i,
+                reason: "record has no partition key".into(),
+            });
+            return None;
+        };
+        if let Err(e) = validate_partition_key(key) {
+            self.refused.push(Refused {
+                index: i,
+                reason: e.to_string(),
+            });
+            return None;
+        }
+        Some(key)
     }
 
     /// A record too large for any aggregate: raw on its own if Kinesis takes it, else refused.
@@ -309,20 +329,9 @@ fn plan_per_record(p: &mut Planner, indexes: &[u32]) {
     let mut open: std::collections::HashMap<(usize, bool), Open> = std::collections::HashMap::new();
     let mut order: Vec<(usize, bool)> = Vec::new();
     for &i in indexes {
-        let Some(key) = p.batch.partition_key(i as usize) else {
-            p.refused.push(Refused {
-                index: i,
-                reason: "record has no partition key".into(),
-            });
+        let Some(key) = p.valid_key(i) else {
             continue;
         };
-        if let Err(e) = validate_partition_key(key) {
-            p.refused.push(Refused {
-                index: i,
-                reason: e.to_string(),
-            });
-            continue;
-        }
         let ehk = p.batch.explicit_hash_key(i as usize);
         let hash = ehk.unwrap_or_else(|| partition_key_hash(key));
         let shard = p.map.index_of(hash);
@@ -383,20 +392,9 @@ fn plan_unaggregated(p: &mut Planner, indexes: &[u32], mode: &KeyMode) {
     for &i in indexes {
         let (key, ehk) = match mode {
             KeyMode::PerRecord => {
-                let Some(key) = p.batch.partition_key(i as usize) else {
-                    p.refused.push(Refused {
-                        index: i,
-                        reason: "record has no partition key".into(),
-                    });
+                let Some(key) = p.valid_key(i) else {
                     continue;
                 };
-                if let Err(e) = validate_partition_key(key) {
-                    p.refused.push(Refused {
-                        index: i,
-                        reason: e.to_string(),
-                    });
-                    continue;
-                }
                 (key.to_string(), p.batch.explicit_hash_key(i as usize))
             }
             KeyMode::Fixed(key) => (key.clone(), None),
