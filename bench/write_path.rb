@@ -133,8 +133,10 @@ plugin.singleton_class.prepend(Module.new do
   end
 end)
 
+# No chunk staged, queued or being written: buffer.dequeued holds the chunks a flush thread took
+# and is writing (dequeued_chunks only those awaiting a delayed commit).
 def settled?(plugin)
-  plugin.buffer.queue.empty? && plugin.buffer.stage.empty? &&
+  plugin.buffer.queue.empty? && plugin.buffer.stage.empty? && plugin.buffer.dequeued.empty? &&
     plugin.dequeued_chunks_mutex.synchronize { plugin.dequeued_chunks.empty? }
 end
 

@@ -53,6 +53,13 @@ class CredentialsTest < Test::Unit::TestCase
     puts JSON.generate(out)
   RUBY
 
+  # A <process_credentials> section running PROCESS_SCRIPT, which counts its runs in `counter`.
+  def process_credentials(counter, expires_in: nil)
+    script = File.join(@dir, "credential_process.rb")
+    File.write(script, PROCESS_SCRIPT)
+    section("process_credentials", ["process #{[RbConfig.ruby, "--disable-gems", script, counter, expires_in].compact.join(" ")}"])
+  end
+
   setup do
     omit("credentials tests need moto: #{MotoServer.missing}") if MotoServer.missing
     @kinesis = LocalKinesis.shared
@@ -338,9 +345,7 @@ class CredentialsTest < Test::Unit::TestCase
 
   test "<process_credentials>: the program's key, the program run once" do
     counter = File.join(@dir, "process-calls")
-    script = File.join(@dir, "credential_process.rb")
-    File.write(script, PROCESS_SCRIPT)
-    run_pipeline(section("process_credentials", ["process #{RbConfig.ruby} --disable-gems #{script} #{counter}"]))
+    run_pipeline(process_credentials(counter))
     assert_signed_only_by "AKIDPROC0001"
     assert_equal "1", File.read(counter)
     assert_every_line_arrived
@@ -388,9 +393,7 @@ class CredentialsTest < Test::Unit::TestCase
   # not once per call.
   test "process credentials that expire every 20 s are refreshed during a 30 s run, nothing lost" do
     counter = File.join(@dir, "process-calls")
-    script = File.join(@dir, "credential_process.rb")
-    File.write(script, PROCESS_SCRIPT)
-    start_fluentd(section("process_credentials", ["process #{RbConfig.ruby} --disable-gems #{script} #{counter} 20"]))
+    start_fluentd(process_credentials(counter, expires_in: 20))
     t0 = Process.clock_gettime(Process::CLOCK_MONOTONIC)
     while Process.clock_gettime(Process::CLOCK_MONOTONIC) - t0 < 30
       write_lines(10)

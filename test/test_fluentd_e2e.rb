@@ -42,16 +42,8 @@ class FluentdEndToEndTest < Test::Unit::TestCase
     @fluentd.monitor_plugin("kinesis_streams_aggregated")
   end
 
-  def wait_for_records(stream, count, timeout: 90)
-    deadline = Time.now + timeout
-    loop do
-      got = @kinesis.read(stream)
-      return got if got["records"].size >= count
-      if Time.now > deadline
-        flunk "only #{got["records"].size} of #{count} records arrived in #{timeout}s; fluentd log:\n#{@fluentd.diagnostics}"
-      end
-      sleep 1
-    end
+  def wait_for_records(stream, count)
+    @kinesis.wait_for_records(stream, count) { "fluentd log:\n#{@fluentd.diagnostics}" }
   end
 
   def assert_every_line_once(got)

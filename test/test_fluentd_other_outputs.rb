@@ -48,8 +48,7 @@ class FluentdOtherOutputsTest < Test::Unit::TestCase
     start_fluentd(output: "kinesis_streams", stream: stream, endpoint: kinesis.endpoint, plugin: "partition_key host",
                   buffer: { flush_interval: "1s", flush_thread_count: 2 })
     ApacheLog.append(@log, LINES, flush_every: 500, **LINE_FIELDS)
-    got = nil
-    @fluentd.wait_until(90, "#{LINES} records in the stream") { (got = kinesis.read(stream))["records"].size >= LINES }
+    got = kinesis.wait_for_records(stream, LINES) { "fluentd log:\n#{@fluentd.diagnostics}" }
     assert_equal LINES, got["kinesis_records"]
     assert got["records"].none? { |r| r["aggregated"] }
     paths = got["records"].map { |r| JSON.parse(r["data"])["path"] }

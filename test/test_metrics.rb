@@ -76,14 +76,8 @@ class MetricsTest < Test::Unit::TestCase
     ApacheLog.append(log, LINES, flush_every: 500, host: ApacheLog::SPREAD_HOST)
   end
 
-  def wait_for_stream(stream, count, timeout: 120)
-    deadline = Time.now + timeout
-    loop do
-      got = @kinesis.read(stream)
-      return got if got["records"].size >= count
-      flunk "#{got["records"].size} of #{count} records arrived; fluentd log:\n#{@fluentd.diagnostics}" if Time.now > deadline
-      sleep 1
-    end
+  def wait_for_stream(stream, count)
+    @kinesis.wait_for_records(stream, count, timeout: 120) { "fluentd log:\n#{@fluentd.diagnostics}" }
   end
 
   # Statistic sets for each [name, {dimension => value}], and every metric listed.

@@ -68,6 +68,22 @@ class LocalKinesis
     out
   end
 
+  # Reads the stream until it holds at least `count` user records, every second, and returns what
+  # #read returned; after `timeout` seconds raises, with what the block returns (e.g. the
+  # fluentd log) in the message.
+  def wait_for_records(name, count, timeout: 90)
+    deadline = Time.now + timeout
+    loop do
+      got = read(name)
+      return got if got["records"].size >= count
+      if Time.now > deadline
+        raise "only #{got["records"].size} of #{count} records arrived in #{timeout}s#{"; #{yield}" if block_given?}"
+      end
+
+      sleep 1
+    end
+  end
+
   private
 
   def admin(*args)
