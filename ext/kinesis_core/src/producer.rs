@@ -616,17 +616,9 @@ impl Producer {
                 self.send_in_order(stream, records, &map.0, deadline, sink, stop)
                     .await
             } else {
-                let requests = pack(
-                    records,
-                    self.config.batch_max_entries,
-                    self.config.batch_max_bytes,
-                );
-                let results: Vec<RequestResult> = stream::iter(requests)
-                    .map(|req| self.send_request(stream, req, &map.0, deadline, sink, stop, None))
-                    .buffer_unordered(self.config.concurrency)
-                    .collect()
+                let misrouted = self
+                    .send_packed(stream, records, &map.0, deadline, sink, stop)
                     .await;
-                let misrouted = results.into_iter().flat_map(|r| r.misrouted).collect();
                 (misrouted, Vec::new())
             };
             if misrouted.is_empty() {
@@ -697,16 +689,34 @@ impl Producer {
             plan_firehose(batch, indexes, pack_records, self.config.max_record_bytes);
         sink.planned(&records, refused);
         let map = ShardMap::whole(UNKNOWN_SHARD);
+        // Firehose records land anywhere: nothing comes back misrouted.
+        self.send_packed(stream, records, &map, deadline, sink, stop)
+            .await;
+    }
+
+    /// Packs `records` into requests of at most `batch_max_entries` records and
+    /// `batch_max_bytes`, and sends them, `concurrency` at once, each retried on its own. Returns
+    /// the Kinesis records that landed on another shard than predicted.
+    async fn send_packed(
+        &self,
+        stream: &str,
+        records: Vec<KinesisRecord>,
+        map: &ShardMap,
+        deadline: Instant,
+        sink: &Sink<'_>,
+        stop: &CancelToken,
+    ) -> Vec<(KinesisRecord, String)> {
         let requests = pack(
             records,
             self.config.batch_max_entries,
             self.config.batch_max_bytes,
         );
-        stream::iter(requests)
-            .map(|req| self.send_request(stream, req, &map, deadline, sink, stop, None))
+        let results: Vec<RequestResult> = stream::iter(requests)
+            .map(|req| self.send_request(stream, req, map, deadline, sink, stop, None))
             .buffer_unordered(self.config.concurrency)
-            .collect::<Vec<RequestResult>>()
+            .collect()
             .await;
+        results.into_iter().flat_map(|r| r.misrouted).collect()
     }
 
     /// One batch call with the `todo` entries of `records`: PutRecords, or PutRecordBatch for
@@ -738,15 +748,7 @@ impl Producer {
             return Ok(resp
                 .request_responses()
                 .iter()
-                .map(|r| match r.error_code() {
-                    Some(code) => Err(classify_code_for(
-                        Service::Firehose,
-                        code,
-                        None,
-                        r.error_message().unwrap_or(""),
-                    )),
-                    None => Ok(None),
-                })
+                .map(|r| entry_answer(Service::Firehose, r.error_code(), r.error_message(), None))
                 .collect());
         }
         let entries: Vec<PutRecordsRequestEntry> = todo
@@ -772,14 +774,13 @@ impl Producer {
         Ok(resp
             .records()
             .iter()
-            .map(|r| match r.error_code() {
-                Some(code) => Err(classify_code_for(
+            .map(|r| {
+                entry_answer(
                     Service::Kinesis,
-                    code,
-                    None,
-                    r.error_message().unwrap_or(""),
-                )),
-                None => Ok(r.shard_id().map(str::to_string)),
+                    r.error_code(),
+                    r.error_message(),
+                    r.shard_id(),
+                )
             })
             .collect())
     }
@@ -1198,6 +1199,25 @@ impl Sink<'_> {
         if let Some(m) = self.metrics {
             m.record(self.stream, obs);
         }
+    }
+}
+
+/// One entry of a batch call's answer: failed with `code`, else delivered (to `shard`, for
+/// Kinesis).
+fn entry_answer(
+    service: Service,
+    code: Option<&str>,
+    message: Option<&str>,
+    shard: Option<&str>,
+) -> EntryAnswer {
+    match code {
+        Some(code) => Err(classify_code_for(
+            service,
+            code,
+            None,
+            message.unwrap_or(""),
+        )),
+        None => Ok(shard.map(str::to_string)),
     }
 }
 
