@@ -80,4 +80,17 @@ class FluentdRestartTest < Test::Unit::TestCase
     assert_match(/records were delivered before the restart; sending the rest/, s.log_text)
     assert_empty s.progress_files, "progress files are removed with their chunks"
   end
+
+  test "kinesis_streams, 2 x SIGKILL while requests are in flight, file buffer: a restart resends at most what was in flight" do
+    s = scenario(name: "kill-streams", output: "kinesis_streams", buffer: { type: "file" },
+                 faults: ["shard_limit 262144 1000", SLOW_CALLS]).start
+    s.kill_during_delivery(times: 2)
+    result = s.finish
+    assert_complete(result, duplicates: nil)
+    assert_equal result.received + result.duplicates, result.kinesis_records, "one Kinesis record per line"
+    in_flight = result.kills.sum { |k| k[:in_flight_user_records].to_i }
+    assert_operator result.duplicates, :<=, in_flight + 50 * result.kills.size,
+                    "duplicates #{result.duplicates} vs in flight at the kills #{result.kills}"
+    assert_empty s.progress_files, "progress files are removed with their chunks"
+  end
 end

@@ -37,8 +37,9 @@ class RestartScenario
   # buffer:  pipeline_config's buffer: ({type: "memory"} or {type: "file"} ...)
   # faults:  fault proxy commands applied before fluentd starts ("shard_limit 262144 1000",
   #          "sometimes 0.02 status 500", "always partial_internal_failure 0.05")
+  # output:  the @type (kinesis_streams_aggregated by default, or kinesis_streams)
   def initialize(kinesis:, lines:, shards: 4, rate: 20_000, plugin: ["partition_key host"], buffer: { type: "memory" },
-                 faults: [], workers: nil, name: "restart")
+                 faults: [], workers: nil, name: "restart", output: "kinesis_streams_aggregated")
     @kinesis = kinesis
     @lines = lines
     @rate = rate
@@ -46,7 +47,7 @@ class RestartScenario
     @stops = []
     @kills = []
     config = FluentdProcess.pipeline_config(
-      dir: @dir, stream: @stream, endpoint: @proxy.endpoint, log: @log, plugin: plugin,
+      dir: @dir, stream: @stream, endpoint: @proxy.endpoint, log: @log, plugin: plugin, output: output,
       buffer: { flush_thread_count: 2 }.merge(buffer), monitor_port: FluentdProcess.free_port, workers: workers
     )
     @fluentd = FluentdProcess.new(dir: @dir, config: config, name: name)
@@ -102,6 +103,10 @@ class RestartScenario
         stats.dig("requests", "PutRecords").to_i > before + 1 && stats["in_flight_user_records"].to_i.positive?
       end
       @fluentd.kill!
+      # In flight at the kill: the proxy still counts the requests the dead process had sent (it
+      # finishes them), and no new one can start. Sampled before the kill, it would miss the calls
+      # started in between (each of up to 500 records without aggregation).
+      stats = @proxy.stats
       # What the stream holds now, before the restart resends anything.
       @kills << { in_flight_put_entries: stats["in_flight_put_entries"],
                   in_flight_user_records: stats["in_flight_user_records"], duplicates_before: duplicates_now }
