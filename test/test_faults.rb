@@ -227,11 +227,13 @@ aggregation_max_size 4k"))
     d.instance_start
     @proxy.push(1, "delay_ms 2000")
     events = records(60).map { |r| [event_time, r] }
-    writer = write_in_thread(d, chunk_of(events))
+    chunk = chunk_of(events)
+    writer = write_in_thread(d, chunk)
     writer.raise(RuntimeError, "interrupted by the test")
     error = assert_raise(RuntimeError) { writer.join(5) }
     assert_equal "interrupted by the test", error.message
-    d.instance.write(chunk_of(events))
+    # fluentd retries the same chunk: the write first collects the interrupted delivery.
+    d.instance.write(chunk)
     assert_equal expected_data(events.map(&:last)), read_back(stream)
     assert_equal 60, d.instance.kinesis_statistics["kinesis_delivered"]
   ensure
@@ -269,6 +271,89 @@ aggregation_max_size 4k"))
     end
     assert_equal expected_data(events.map(&:last)), read_back(stream)
     assert_empty d.logs.grep(/unexpected error|Cancelled/), d.logs.join
+  ensure
+    @proxy&.clear
+  end
+
+  test "delayed commit: consecutive chunks share full PutRecords calls, and each chunk is acknowledged once delivered" do
+    stream = @kinesis.create_stream(@kinesis.unique_stream, 2)
+    conf = config(stream, <<~EXTRA)
+      aggregation_max_size 1k
+      batch_request_max_count 50
+      record_max_buffered_time 3
+      <buffer tag>
+        chunk_limit_records 200
+        flush_thread_burst_interval 0.05
+      </buffer>
+    EXTRA
+    d = driver(conf)
+    sent = records(2_000)
+    started = Fluent::Clock.now
+    # The stop at the end of the run waits for the chunks being delivered (the driver's own wait
+    # gives up after 10 s).
+    d.run(default_tag: "app.log", timeout: 60, wait_flush_completion: false) { sent.each { |r| d.feed(event_time, r) } }
+
+    assert_true d.instance.delayed_commit
+    assert_equal expected_data(sent), read_back(stream)
+    stats = d.instance.kinesis_statistics
+    aggregates = stats["kinesis_kinesis_records"]
+    # Each chunk makes about 30 aggregates of 1 KiB: alone, every chunk would end with a partial call.
+    assert_operator aggregates, :>, 250
+    assert_operator d.instance.write_count, :>=, 10
+    assert_equal (aggregates / 50.0).ceil, stats["kinesis_requests"], "calls were not filled across chunks"
+    assert_equal stats["kinesis_requests"], @proxy.stats["requests"]["PutRecords"]
+    assert_operator Fluent::Clock.now - started, :<, 20
+    assert_equal 0, d.instance.rollback_count
+    assert_equal 2_000, stats["kinesis_delivered"]
+  end
+
+  test "delayed commit: a chunk not delivered goes back to fluentd, whose retry sends only the rest" do
+    stream = @kinesis.create_stream(@kinesis.unique_stream, 2)
+    conf = config(stream, <<~EXTRA)
+      aggregation_max_size 1k
+      retries_on_batch_request 0
+      record_max_buffered_time 0.5
+      <buffer tag>
+        chunk_limit_records 250
+        flush_thread_interval 0.1
+        flush_thread_burst_interval 0.05
+        retry_wait 0.2
+        retry_randomize false
+      </buffer>
+    EXTRA
+    d = driver(conf)
+    @proxy.push(2, "partial_throttle 0.5")
+    sent = records(1_000)
+    d.run(default_tag: "app.log", timeout: 60, force_flush_retry: true) { sent.each { |r| d.feed(event_time, r) } }
+
+    assert_equal expected_data(sent), read_back(stream)
+    stats = d.instance.kinesis_statistics
+    assert_operator @proxy.stats["entries_throttled"], :>, 0
+    assert_equal 1_000, stats["kinesis_delivered"]
+    assert_operator stats["kinesis_user_records"], :>, 1_000, "fluentd did not retry a chunk"
+    assert_operator d.instance.rollback_count, :>, 0
+    assert(d.logs.any? { |l| l.include?("failed to flush the buffer") && l.include?("DeliveryError") }, d.logs.join)
+  end
+
+  test "delayed commit: at most max_chunks_in_flight chunks are delivered at once" do
+    stream = @kinesis.create_stream(@kinesis.unique_stream, 2)
+    conf = config(stream, <<~EXTRA)
+      max_chunks_in_flight 2
+      <buffer tag>
+        chunk_limit_records 100
+        flush_thread_burst_interval 0.01
+      </buffer>
+    EXTRA
+    d = driver(conf)
+    @proxy.always("delay_ms 300")
+    most = 0
+    watcher = Thread.new { loop { most = [most, d.instance.send(:flights)].max; sleep 0.01 } }
+    sent = records(1_000)
+    d.run(default_tag: "app.log", timeout: 60) { sent.each { |r| d.feed(event_time, r) } }
+    watcher.kill
+
+    assert_equal expected_data(sent), read_back(stream)
+    assert_equal 2, most
   ensure
     @proxy&.clear
   end

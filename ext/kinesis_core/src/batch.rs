@@ -19,7 +19,7 @@ struct Span {
 }
 
 /// User records, their data and partition keys stored back to back in one buffer.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct RecordBatch {
     bytes: Vec<u8>,
     spans: Vec<Span>,
@@ -487,22 +487,11 @@ pub fn pack(
     max_entries: usize,
     max_bytes: usize,
 ) -> Vec<Vec<KinesisRecord>> {
-    let mut requests = Vec::new();
-    let mut current: Vec<KinesisRecord> = Vec::new();
-    let mut bytes = 0;
-    for r in records {
-        let size = r.billed_size();
-        if !current.is_empty() && (current.len() >= max_entries || bytes + size > max_bytes) {
-            requests.push(std::mem::take(&mut current));
-            bytes = 0;
-        }
-        bytes += size;
-        current.push(r);
-    }
-    if !current.is_empty() {
-        requests.push(current);
-    }
-    requests
+    let limits = crate::pipe::CallLimits {
+        max_entries,
+        max_bytes,
+    };
+    crate::pipe::Pipe::default().push(records, KinesisRecord::billed_size, limits, true)
 }
 
 #[cfg(test)]

@@ -138,8 +138,11 @@ pub struct ProducerConfig {
     pub aggregation_max_bytes: usize,
     pub batch_max_entries: usize,
     pub batch_max_bytes: usize,
-    /// PutRecords calls in flight at once for one batch.
+    /// Batch calls in flight at once, across all deliveries.
     pub concurrency: usize,
+    /// How long a partial batch call (the last of a delivery) may wait for the next delivery's
+    /// records to fill it; zero sends it at once.
+    pub linger: Duration,
     /// Per-shard rate limit in percent of Kinesis' 1 MiB/s and 1000 records/s; 0 turns it off.
     pub rate_limit_percent: u32,
     /// Retries after the first attempt, per PutRecords entry.
@@ -176,6 +179,7 @@ impl Default for ProducerConfig {
             batch_max_entries: MAX_ENTRIES_PER_REQUEST,
             batch_max_bytes: MAX_BYTES_PER_REQUEST,
             concurrency: 8,
+            linger: Duration::ZERO,
             rate_limit_percent: 150,
             max_retries: 8,
             backoff_base: Duration::from_millis(100),

@@ -256,7 +256,7 @@ async fn deliver_records(
         .producer
         .put_buffered_since(
             target.stream,
-            &batch,
+            Arc::new(batch),
             &indexes,
             &delivery.stop,
             &on_delivered,

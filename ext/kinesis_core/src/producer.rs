@@ -6,15 +6,17 @@
 //! record.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardFilter, ShardFilterType};
-use futures::stream::{self, StreamExt};
+use futures::StreamExt;
 use rand::Rng;
+use tokio::sync::{Notify, Semaphore};
 
-use crate::batch::{pack, plan, plan_firehose, KinesisRecord, PlanLimits, RecordBatch, Refused};
+use crate::batch::{plan, plan_firehose, KinesisRecord, PlanLimits, RecordBatch, Refused};
 use crate::cancel::CancelToken;
 use crate::config::{Destination, KeyMode, ProducerConfig, FIREHOSE_BILLING_UNIT_BYTES};
 use crate::error::{
@@ -22,6 +24,7 @@ use crate::error::{
 };
 use crate::hashkey::partition_key_hash;
 use crate::metrics::{Metrics, Name, Observations, Stats};
+use crate::pipe::{CallLimits, Pipe};
 use crate::rate_limit::ShardRateLimiter;
 use crate::shard_map::{Shard, ShardMap};
 
@@ -215,6 +218,12 @@ pub struct Producer {
     drain_until: Mutex<Option<Instant>>,
     /// CloudWatch metrics, when `metrics_level` is not none.
     metrics: Option<Arc<Metrics>>,
+    /// Each destination's open (partial) batch call, shared by consecutive deliveries.
+    pipes: Mutex<HashMap<String, Arc<Pipe<Entry>>>>,
+    /// Batch calls in flight at once, across deliveries (`concurrency`).
+    call_slots: Semaphore,
+    /// Wakes deliveries waiting for their partial call to fill: a stop sends it at once.
+    drain_started: Notify,
 }
 
 /// Called with the user records (batch indexes) each PutRecords response confirmed, as soon as
@@ -224,12 +233,6 @@ pub type OnDelivered<'a> = &'a (dyn Fn(&[u32]) + Send + Sync);
 /// What a batch call answered for one entry: delivered (with the shard it landed on, for
 /// Kinesis), or failed and why.
 type EntryAnswer = Result<Option<String>, Failure>;
-
-/// One PutRecords request in flight and what came of it.
-struct RequestResult {
-    /// Aggregates that landed on another shard than predicted, with the shard they landed on.
-    misrouted: Vec<(KinesisRecord, String)>,
-}
 
 impl Producer {
     /// Builds the client. Must run on a tokio runtime (see [`crate::runtime::runtime`]).
@@ -259,6 +262,7 @@ impl Producer {
 
     pub fn with_client(client: aws_sdk_kinesis::Client, config: ProducerConfig) -> Self {
         // Firehose has no shards: its limits are the delivery stream's, answered by throttling.
+        let slots = config.concurrency.max(1);
         let limiter = if config.destination.is_firehose() {
             None
         } else {
@@ -272,6 +276,9 @@ impl Producer {
             limiter,
             drain_until: Mutex::new(None),
             metrics: None,
+            pipes: Mutex::new(HashMap::new()),
+            call_slots: Semaphore::new(slots),
+            drain_started: Notify::new(),
         }
     }
 
@@ -280,6 +287,7 @@ impl Producer {
     /// everything buffered is delivered unless the budget runs out first.
     pub fn begin_drain(&self, budget: Duration) {
         *self.drain_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + budget);
+        self.drain_started.notify_waiters();
     }
 
     /// The later of a delivery's own deadline and the end of the shutdown budget.
@@ -506,7 +514,7 @@ impl Producer {
     ) -> BatchOutcome {
         self.put_buffered_since(
             stream,
-            batch,
+            Arc::new(batch.clone()),
             indexes,
             stop,
             on_delivered,
@@ -516,26 +524,24 @@ impl Producer {
     }
 
     /// [`Producer::put`] for records that arrived in the buffer at `arrived` (the chunk's
-    /// creation): the `BufferingTime` metric measures from there to delivery.
+    /// creation): the `BufferingTime` metric measures from there to delivery. The batch is
+    /// shared with the calls carrying its records, which may carry other deliveries' records too.
     pub async fn put_buffered_since(
         &self,
         stream: &str,
-        batch: &RecordBatch,
+        batch: Arc<RecordBatch>,
         indexes: &[u32],
         stop: &CancelToken,
         on_delivered: OnDelivered<'_>,
         arrived: SystemTime,
     ) -> BatchOutcome {
-        let outcome = Mutex::new(BatchOutcome::new(batch.len()));
-        {
-            let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
-            for &i in indexes {
-                o.status[i as usize] = RecordStatus::Pending;
-            }
-            o.counters.user_records = indexes.len() as u64;
+        let mut outcome = BatchOutcome::new(batch.len());
+        for &i in indexes {
+            outcome.status[i as usize] = RecordStatus::Pending;
         }
-        let metrics = self.metrics.as_deref();
-        if let Some(m) = metrics {
+        outcome.counters.user_records = indexes.len() as u64;
+        let metrics = self.metrics.clone();
+        if let Some(m) = &metrics {
             let mut obs = Observations::default();
             obs.add(
                 Name::UserRecordsReceived,
@@ -546,15 +552,31 @@ impl Producer {
             m.record(stream, &obs);
             m.pending(stream, indexes.len() as i64);
         }
-        let sink = Sink {
-            outcome: &outcome,
-            on_delivered,
+        let sink = Arc::new(Sink {
+            outcome: Mutex::new(outcome),
             metrics,
-            stream,
+            stream: stream.to_string(),
             batch,
             arrived,
+            deadline: Instant::now() + self.config.deadline,
+            stop: CancelToken::new(),
+            confirmed: Mutex::new(Vec::new()),
+            outstanding: AtomicUsize::new(0),
+            settled: Notify::new(),
+            misrouted: Mutex::new(Vec::new()),
+        });
+        // The caller's stop reaches the calls carrying this delivery's records through the sink.
+        let forward_stop = async {
+            stop.cancelled().await;
+            sink.stop.cancel();
+            sink.settled.notify_waiters();
+            std::future::pending::<()>().await
         };
-        self.deliver(stream, batch, indexes, &sink, stop).await;
+        tokio::select! {
+            _ = self.deliver(stream, &sink, indexes, on_delivered) => {}
+            _ = forward_stop => {}
+        }
+        sink.pass_confirmed(on_delivered);
         // Records never sent (the delivery was stopped before their turn).
         let unsent: Vec<u32> = {
             let mut o = sink.lock();
@@ -570,28 +592,26 @@ impl Producer {
             unsent
         };
         sink.observe_failed(&unsent, None, 0);
-        if let Some(m) = metrics {
+        if let Some(m) = &sink.metrics {
             m.pending(stream, -(indexes.len() as i64));
         }
-        outcome
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-            .finish()
+        // Calls that carried these records may still hold the sink for a moment: take the outcome.
+        let outcome = std::mem::take(&mut *sink.lock());
+        outcome.finish()
     }
 
     async fn deliver(
         &self,
         stream: &str,
-        batch: &RecordBatch,
+        sink: &Arc<Sink>,
         indexes: &[u32],
-        sink: &Sink<'_>,
-        stop: &CancelToken,
+        on_delivered: OnDelivered<'_>,
     ) {
-        let deadline = Instant::now() + self.config.deadline;
+        let batch = &*sink.batch;
         let aggregate = match self.config.destination {
             Destination::Firehose { pack } => {
                 return self
-                    .deliver_firehose(stream, batch, indexes, pack, deadline, sink, stop)
+                    .deliver_firehose(stream, indexes, pack, sink, on_delivered)
                     .await
             }
             Destination::Streams { aggregate } => aggregate,
@@ -612,21 +632,21 @@ impl Producer {
             sink.planned(&records, refused);
             // Records of shards whose queue a misroute stopped (keep_order): never sent, planned
             // again with the new map.
-            let (misrouted, held) = if self.config.keep_order {
-                self.send_in_order(stream, records, &map.0, deadline, sink, stop)
-                    .await
+            let held = if self.config.keep_order {
+                self.send_in_order(stream, records, &map.0, sink).await
             } else {
-                let misrouted = self
-                    .send_packed(stream, records, &map.0, deadline, sink, stop)
+                self.send_packed(stream, records, &map.0, sink, on_delivered)
                     .await;
-                (misrouted, Vec::new())
+                Vec::new()
             };
+            sink.pass_confirmed(on_delivered);
+            let misrouted = sink.take_misrouted();
             if misrouted.is_empty() {
                 return;
             }
             sink.lock().counters.wrong_shard += misrouted.len() as u64;
             let refreshed = self
-                .refresh_map(stream, map.1, Some(self.deadline_with_drain(deadline)))
+                .refresh_map(stream, map.1, Some(self.deadline_with_drain(sink.deadline)))
                 .await;
             if refreshed.is_ok() {
                 sink.lock().counters.shard_map_refreshes += 1;
@@ -649,6 +669,7 @@ impl Producer {
             }
             sink.record(&obs);
             sink.delivered(&confirmed);
+            sink.pass_confirmed(on_delivered);
             // Planned again in batch order (keep_order relies on it).
             pending.sort_unstable();
             match refreshed {
@@ -658,11 +679,11 @@ impl Producer {
             if pending.is_empty() {
                 return;
             }
-            if stop.is_cancelled() {
+            if sink.stop.is_cancelled() {
                 return sink.fail(&pending, &cancelled(), None, 0);
             }
             if round + 1 >= MAX_RESEND_ROUNDS
-                || Instant::now() >= self.deadline_with_drain(deadline)
+                || Instant::now() >= self.deadline_with_drain(sink.deadline)
             {
                 let f = Failure::new(FailureKind::Transient, "ShardMapChanged", format!("aggregates kept landing on unexpected shards after {} re-plans (the stream is being resharded); retry later", round + 1));
                 return sink.fail(&pending, &f, None, 0);
@@ -674,49 +695,119 @@ impl Producer {
     /// Firehose: plan (one record each, or packed), then PutRecordBatch requests of at most
     /// `batch_max_entries` records and `batch_max_bytes`, several at once. No shards: nothing
     /// to predict, rate-limit or re-plan.
-    #[allow(clippy::too_many_arguments)]
     async fn deliver_firehose(
         &self,
         stream: &str,
-        batch: &RecordBatch,
         indexes: &[u32],
         pack_records: bool,
-        deadline: Instant,
-        sink: &Sink<'_>,
-        stop: &CancelToken,
+        sink: &Arc<Sink>,
+        on_delivered: OnDelivered<'_>,
     ) {
-        let (records, refused) =
-            plan_firehose(batch, indexes, pack_records, self.config.max_record_bytes);
+        let (records, refused) = plan_firehose(
+            &sink.batch,
+            indexes,
+            pack_records,
+            self.config.max_record_bytes,
+        );
         sink.planned(&records, refused);
-        let map = ShardMap::whole(UNKNOWN_SHARD);
+        let map = Arc::new(ShardMap::whole(UNKNOWN_SHARD));
         // Firehose records land anywhere: nothing comes back misrouted.
-        self.send_packed(stream, records, &map, deadline, sink, stop)
+        self.send_packed(stream, records, &map, sink, on_delivered)
             .await;
     }
 
-    /// Packs `records` into requests of at most `batch_max_entries` records and
-    /// `batch_max_bytes`, and sends them, `concurrency` at once, each retried on its own. Returns
-    /// the Kinesis records that landed on another shard than predicted.
+    fn pipe(&self, stream: &str) -> Arc<Pipe<Entry>> {
+        let mut pipes = self.pipes.lock().unwrap_or_else(|p| p.into_inner());
+        pipes.entry(stream.to_string()).or_default().clone()
+    }
+
+    /// Puts `records` in the destination's calls behind those of earlier deliveries and sends
+    /// every call that is full, at most `concurrency` calls at once across all deliveries, each
+    /// retried on its own. The last, partial call waits up to `linger` for the next delivery's
+    /// records (not at all with `linger` 0, while draining, or once stopped); this delivery sends
+    /// it then, unless another filled and sent it first. Returns once every record is settled:
+    /// delivered, failed, or (in `sink.misrouted`) landed on another shard than predicted.
     async fn send_packed(
         &self,
         stream: &str,
         records: Vec<KinesisRecord>,
-        map: &ShardMap,
-        deadline: Instant,
-        sink: &Sink<'_>,
-        stop: &CancelToken,
-    ) -> Vec<(KinesisRecord, String)> {
-        let requests = pack(
-            records,
-            self.config.batch_max_entries,
-            self.config.batch_max_bytes,
-        );
-        let results: Vec<RequestResult> = stream::iter(requests)
-            .map(|req| self.send_request(stream, req, map, deadline, sink, stop, None))
-            .buffer_unordered(self.config.concurrency)
-            .collect()
-            .await;
-        results.into_iter().flat_map(|r| r.misrouted).collect()
+        map: &Arc<ShardMap>,
+        sink: &Arc<Sink>,
+        on_delivered: OnDelivered<'_>,
+    ) {
+        let pipe = self.pipe(stream);
+        let entries = records
+            .into_iter()
+            .map(|r| Entry::new(r, map.clone(), sink.clone()));
+        let close = self.config.linger.is_zero() || self.draining() || sink.stop.is_cancelled();
+        let limits = CallLimits {
+            max_entries: self.config.batch_max_entries,
+            max_bytes: self.config.batch_max_bytes,
+        };
+        let full = pipe.push(entries, |e| e.record.billed_size(), limits, close);
+        let sends =
+            futures::future::join_all(full.into_iter().map(|call| self.send_pooled(stream, call)));
+        futures::join!(sends, self.wait_settled(stream, &pipe, sink, on_delivered));
+    }
+
+    /// Sends one call once one of the `concurrency` slots is free.
+    async fn send_pooled(&self, stream: &str, entries: Vec<Entry>) {
+        let _slot = self
+            .call_slots
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        self.send_request(stream, entries, None).await;
+    }
+
+    /// Waits until every record of `sink` handed to calls is settled, passing confirmed records
+    /// to `on_delivered` as they come, and sends the open call once the wait for it is over if it
+    /// still holds records of this delivery.
+    async fn wait_settled(
+        &self,
+        stream: &str,
+        pipe: &Pipe<Entry>,
+        sink: &Arc<Sink>,
+        on_delivered: OnDelivered<'_>,
+    ) {
+        // Open calls this delivery took and is sending: confirmations keep flowing meanwhile.
+        let mut taken = futures::stream::FuturesUnordered::new();
+        loop {
+            let settled = sink.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            sink.pass_confirmed(on_delivered);
+            if sink.outstanding.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            let mut take = None;
+            match pipe.holds(|e| Arc::ptr_eq(&e.sink, sink)) {
+                Some((_, generation)) if self.draining() || sink.stop.is_cancelled() => {
+                    take = Some(generation)
+                }
+                Some((since, generation)) => {
+                    let drain = self.drain_started.notified();
+                    tokio::select! {
+                        _ = &mut settled => {}
+                        _ = taken.next(), if !taken.is_empty() => {}
+                        _ = tokio::time::sleep_until((since + self.config.linger).into()) => {
+                            take = Some(generation)
+                        }
+                        _ = drain => take = Some(generation),
+                        _ = sink.stop.cancelled() => take = Some(generation),
+                    }
+                }
+                None => {
+                    tokio::select! {
+                        _ = &mut settled => {}
+                        _ = taken.next(), if !taken.is_empty() => {}
+                    }
+                }
+            }
+            if let Some(call) = take.and_then(|g| pipe.take(g)) {
+                taken.push(self.send_pooled(stream, call));
+            }
+        }
     }
 
     /// One batch call with the `todo` entries of `records`: PutRecords, or PutRecordBatch for
@@ -725,7 +816,7 @@ impl Producer {
     async fn call(
         &self,
         stream: &str,
-        records: &[KinesisRecord],
+        records: &[Entry],
         todo: &[usize],
     ) -> Result<Vec<EntryAnswer>, Failure> {
         if let Some(firehose) = &self.firehose {
@@ -733,7 +824,7 @@ impl Producer {
                 .iter()
                 .map(|&e| {
                     aws_sdk_firehose::types::Record::builder()
-                        .data(Blob::new(records[e].data.clone()))
+                        .data(Blob::new(records[e].record.data.clone()))
                         .build()
                         .expect("data is set")
                 })
@@ -754,7 +845,7 @@ impl Producer {
         let entries: Vec<PutRecordsRequestEntry> = todo
             .iter()
             .map(|&e| {
-                let r = &records[e];
+                let r = &records[e].record;
                 PutRecordsRequestEntry::builder()
                     .data(Blob::new(r.data.clone()))
                     .partition_key(&r.partition_key)
@@ -787,127 +878,116 @@ impl Producer {
 
     /// keep_order: each shard's Kinesis records one at a time, in plan order, each retried until
     /// it lands or fails for good; shards in parallel, at most `concurrency` calls at once.
-    /// Returns the records that landed on an unexpected shard, and the members of the records
-    /// their shards then held back (never sent), for re-planning with a new shard map.
+    /// Records that landed on an unexpected shard go to `sink.misrouted`; returns the members of
+    /// the records their shards then held back (never sent), for re-planning with a new map.
     async fn send_in_order(
         &self,
         stream: &str,
         records: Vec<KinesisRecord>,
-        map: &ShardMap,
-        deadline: Instant,
-        sink: &Sink<'_>,
-        stop: &CancelToken,
-    ) -> (Vec<(KinesisRecord, String)>, Vec<u32>) {
+        map: &Arc<ShardMap>,
+        sink: &Arc<Sink>,
+    ) -> Vec<u32> {
         let mut queues: BTreeMap<usize, Vec<KinesisRecord>> = BTreeMap::new();
         for r in records {
             queues.entry(r.shard).or_default().push(r);
         }
-        let calls = tokio::sync::Semaphore::new(self.config.concurrency);
-        let shards = queues.into_values().map(|queue| {
-            self.send_shard_in_order(stream, queue, map, deadline, sink, stop, &calls)
-        });
-        let mut misrouted = Vec::new();
-        let mut held = Vec::new();
-        for (m, h) in futures::future::join_all(shards).await {
-            misrouted.extend(m);
-            held.extend(h);
-        }
-        (misrouted, held)
+        let calls = Semaphore::new(self.config.concurrency);
+        let shards = queues
+            .into_values()
+            .map(|queue| self.send_shard_in_order(stream, queue, map, sink, &calls));
+        futures::future::join_all(shards)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// One shard's queue (see [`Producer::send_in_order`]). After a record that was not
     /// delivered, the later ones are not sent: they fail too, and fluentd sends them again with
     /// the chunk, after the failed one. After a misroute, they are handed back unsent.
-    #[allow(clippy::too_many_arguments)]
     async fn send_shard_in_order(
         &self,
         stream: &str,
         queue: Vec<KinesisRecord>,
-        map: &ShardMap,
-        deadline: Instant,
-        sink: &Sink<'_>,
-        stop: &CancelToken,
-        calls: &tokio::sync::Semaphore,
-    ) -> (Option<(KinesisRecord, String)>, Vec<u32>) {
+        map: &Arc<ShardMap>,
+        sink: &Arc<Sink>,
+        calls: &Semaphore,
+    ) -> Vec<u32> {
         let mut queue = queue.into_iter();
         while let Some(record) = queue.next() {
             let first = record.members[0] as usize;
-            let result = self
-                .send_request(stream, vec![record], map, deadline, sink, stop, Some(calls))
-                .await;
-            if let Some(m) = result.misrouted.into_iter().next() {
-                return (Some(m), queue.flat_map(|r| r.members).collect());
+            let entry = Entry::new(record, map.clone(), sink.clone());
+            self.send_request(stream, vec![entry], Some(calls)).await;
+            match sink.lock().status[first] {
+                RecordStatus::Delivered => continue,
+                // Neither delivered nor failed: it landed on another shard (in sink.misrouted).
+                RecordStatus::Pending => return queue.flat_map(|r| r.members).collect(),
+                _ => {}
             }
-            if sink.lock().status[first] != RecordStatus::Delivered {
-                let f = if stop.is_cancelled() {
-                    cancelled()
-                } else {
-                    Failure::new(
-                        FailureKind::Transient,
-                        "HeldForOrder",
-                        "not sent: an earlier record of its shard was not delivered, and keep_order sends nothing after it (fluentd sends both again with the chunk, in order)",
-                    )
-                };
-                for r in queue {
-                    sink.fail(&r.members, &f, known_shard(map, r.shard), 0);
-                }
-                return (None, Vec::new());
+            let f = if sink.stop.is_cancelled() {
+                cancelled()
+            } else {
+                Failure::new(
+                    FailureKind::Transient,
+                    "HeldForOrder",
+                    "not sent: an earlier record of its shard was not delivered, and keep_order sends nothing after it (fluentd sends both again with the chunk, in order)",
+                )
+            };
+            for r in queue {
+                sink.fail(&r.members, &f, known_shard(map, r.shard), 0);
             }
+            return Vec::new();
         }
-        (None, Vec::new())
+        Vec::new()
     }
 
-    /// Sends one PutRecords request and retries its failed entries. `calls`: a limit on the
-    /// calls in flight, held only while a call is (keep_order; otherwise the caller limits the
-    /// requests running at once).
-    #[allow(clippy::too_many_arguments)]
-    async fn send_request(
-        &self,
-        stream: &str,
-        records: Vec<KinesisRecord>,
-        map: &ShardMap,
-        deadline: Instant,
-        sink: &Sink<'_>,
-        stop: &CancelToken,
-        calls: Option<&tokio::sync::Semaphore>,
-    ) -> RequestResult {
-        let mut misrouted = Vec::new();
+    /// Sends one batch call and retries its failed entries. The entries may belong to several
+    /// deliveries: each entry's outcome goes to its own delivery's sink, and each delivery's
+    /// stop and deadline apply to its own entries. `calls`: a limit on the calls in flight,
+    /// held only while a call is (keep_order; otherwise the caller holds a slot throughout).
+    async fn send_request(&self, stream: &str, records: Vec<Entry>, calls: Option<&Semaphore>) {
         let mut todo: Vec<usize> = (0..records.len()).collect();
         let mut attempt: u32 = 0;
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
-        // Records not sent (again) because the caller stopped the delivery, after `attempts`.
-        let abandon = |todo: &[usize], attempts: u32| {
-            for &e in todo {
-                let r = &records[e];
-                sink.fail(
-                    &r.members,
+        // Entries whose delivery was stopped are not sent (again): they fail as cancelled.
+        let drop_stopped = |todo: &mut Vec<usize>, attempts: u32| {
+            todo.retain(|&e| {
+                let x = &records[e];
+                if !x.sink.stop.is_cancelled() {
+                    return true;
+                }
+                x.sink.fail(
+                    &x.record.members,
                     &cancelled(),
-                    known_shard(map, r.shard),
+                    known_shard(&x.map, x.record.shard),
                     attempts.saturating_sub(1),
                 );
-            }
+                false
+            });
         };
         loop {
             if let Some(limiter) = &self.limiter {
-                let wait = limiter.reserve(shard_usage(map, &records, todo.iter().copied()));
+                let wait = limiter.reserve(shard_usage(&records, todo.iter().copied()));
                 if !wait.is_zero() {
-                    let until = (Instant::now() + wait).min(self.deadline_with_drain(deadline));
-                    sink.lock().counters.rate_limited_ms += wait.as_millis() as u64;
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(until.into()) => {}
-                        _ = stop.cancelled() => {}
-                    }
+                    let latest = todo
+                        .iter()
+                        .map(|&e| self.deadline_with_drain(records[e].sink.deadline))
+                        .max()
+                        .expect("todo is not empty");
+                    let until = (Instant::now() + wait).min(latest);
+                    records[todo[0]].sink.lock().counters.rate_limited_ms +=
+                        wait.as_millis() as u64;
+                    sleep_unless_all_stopped(&records, &mut todo, until, attempt, &drop_stopped)
+                        .await;
                 }
             }
-            if stop.is_cancelled() {
-                abandon(&todo, attempt);
-                return RequestResult { misrouted };
-            }
-            {
-                let mut o = sink.lock();
-                o.counters.requests += 1;
-                if attempt > 0 {
-                    o.counters.retried_entries += todo.len() as u64;
+            drop_stopped(&mut todo, attempt);
+            let Some(&lead) = todo.first() else { return };
+            let lead = &records[lead].sink;
+            lead.lock().counters.requests += 1;
+            if attempt > 0 {
+                for &e in &todo {
+                    records[e].sink.lock().counters.retried_entries += 1;
                 }
             }
             let mut failed: Vec<(usize, Failure)> = Vec::new();
@@ -921,7 +1001,8 @@ impl Producer {
             let response = self.call(stream, &records, &todo).await;
             drop(permit);
             let mut obs = Observations::default();
-            if sink.metrics.is_some() {
+            let measured = self.metrics.is_some();
+            if measured {
                 let elapsed_ms = sent_at.elapsed().as_secs_f64() * 1000.0;
                 obs.add(Name::RequestTime, None, None, Stats::one(elapsed_ms));
                 obs.add(
@@ -930,7 +1011,7 @@ impl Producer {
                     None,
                     Stats::one(todo.len() as f64),
                 );
-                let users: usize = todo.iter().map(|&e| records[e].members.len()).sum();
+                let users: usize = todo.iter().map(|&e| records[e].record.members.len()).sum();
                 obs.add(
                     Name::UserRecordsPerPutRecordsRequest,
                     None,
@@ -938,20 +1019,20 @@ impl Producer {
                     Stats::one(users as f64),
                 );
                 for &e in &todo {
-                    let r = &records[e];
+                    let x = &records[e];
                     obs.add(
                         Name::UserRecordsPerKinesisRecord,
                         None,
-                        known_shard(map, r.shard),
-                        Stats::one(r.members.len() as f64),
+                        known_shard(&x.map, x.record.shard),
+                        Stats::one(x.record.members.len() as f64),
                     );
                 }
             }
             match response {
                 Ok(results) => {
-                    let mut confirmed = Vec::new();
                     for (pos, &e) in todo.iter().enumerate() {
-                        let r = &records[e];
+                        let x = &records[e];
+                        let r = &x.record;
                         let Some(res) = results.get(pos) else {
                             failed.push((
                                 e,
@@ -963,14 +1044,14 @@ impl Producer {
                             ));
                             continue;
                         };
-                        let predicted = known_shard(map, r.shard);
+                        let predicted = known_shard(&x.map, r.shard);
                         let landed = match res {
                             Ok(landed) => landed.as_deref().unwrap_or(""),
                             Err(f) => {
                                 if f.kind == FailureKind::Throttled {
-                                    sink.lock().counters.throttled_entries += 1;
+                                    x.sink.lock().counters.throttled_entries += 1;
                                 }
-                                if sink.metrics.is_some() {
+                                if measured {
                                     obs.add(
                                         Name::KinesisRecordsPut,
                                         None,
@@ -990,7 +1071,7 @@ impl Producer {
                             }
                         };
                         any_success = true;
-                        if sink.metrics.is_some() {
+                        if measured {
                             obs.add(Name::KinesisRecordsPut, None, predicted, Stats::one(1.0));
                             obs.add(
                                 Name::KinesisRecordsDataPut,
@@ -1000,17 +1081,16 @@ impl Producer {
                             );
                             obs.add(Name::AllErrors, None, predicted, Stats::one(0.0));
                         }
-                        if !r.lands_safely_anywhere && landed != shard_id(map, r.shard) {
-                            misrouted.push((r.clone(), landed.to_string()));
+                        if !r.lands_safely_anywhere && landed != shard_id(&x.map, r.shard) {
+                            x.sink.misrouted(r.clone(), landed.to_string());
                         } else {
-                            sink.observe_delivered(
+                            x.sink.observe_delivered(
                                 &mut obs,
                                 &r.members,
                                 Some(landed).filter(|l| !l.is_empty()).or(predicted),
                                 attempt,
                             );
-                            confirmed.extend_from_slice(&r.members);
-                            let mut o = sink.lock();
+                            let mut o = x.sink.lock();
                             o.counters.bytes_delivered += r.billed_size() as u64;
                             if self.firehose.is_some() {
                                 o.counters.firehose_billed_units +=
@@ -1019,42 +1099,49 @@ impl Producer {
                                 o.counters.put_payload_units +=
                                     r.billed_size().div_ceil(25 * 1024) as u64;
                             }
+                            drop(o);
+                            x.sink.delivered(&r.members);
                         }
                     }
-                    sink.record(&obs);
-                    sink.delivered(&confirmed);
+                    lead.record(&obs);
                 }
                 Err(f) => {
-                    if sink.metrics.is_some() {
+                    if measured {
                         obs.add(Name::ErrorsByCode, Some(&f.code), None, Stats::one(1.0));
                         obs.add(Name::AllErrors, None, None, Stats::one(1.0));
-                        sink.record(&obs);
+                        lead.record(&obs);
                     }
-                    let mut o = sink.lock();
-                    o.counters.request_errors += 1;
+                    lead.lock().counters.request_errors += 1;
                     if f.kind == FailureKind::Throttled {
-                        o.counters.throttled_entries += todo.len() as u64;
+                        for &e in &todo {
+                            records[e].sink.lock().counters.throttled_entries += 1;
+                        }
                     }
                     failed = todo.iter().map(|&e| (e, f.clone())).collect();
                 }
             }
             if failed.is_empty() {
-                return RequestResult { misrouted };
+                return;
             }
             // What Kinesis did not accept used none of the shard's capacity.
             if let Some(limiter) = &self.limiter {
-                limiter.refund(shard_usage(map, &records, failed.iter().map(|&(e, _)| e)));
+                limiter.refund(shard_usage(&records, failed.iter().map(|&(e, _)| e)));
             }
             // Records that retrying cannot help fail now; the rest wait and go again.
             let (retry, hopeless): (Vec<_>, Vec<_>) = failed
                 .into_iter()
                 .partition(|(_, f)| f.kind.is_retryable_now());
             for (e, f) in hopeless {
-                let r = &records[e];
-                sink.fail(&r.members, &f, known_shard(map, r.shard), attempt);
+                let x = &records[e];
+                x.sink.fail(
+                    &x.record.members,
+                    &f,
+                    known_shard(&x.map, x.record.shard),
+                    attempt,
+                );
             }
             if retry.is_empty() {
-                return RequestResult { misrouted };
+                return;
             }
             attempt += 1;
             if any_success && self.config.reset_backoff_if_success {
@@ -1064,51 +1151,121 @@ impl Producer {
             let retry_at = Instant::now() + delay;
             // While fluentd shuts down, the shutdown budget replaces the attempt count and the
             // delivery's own deadline.
-            let give_up = if self.draining() {
-                (retry_at > self.deadline_with_drain(deadline))
-                    .then(|| format!("after {attempt} attempts, at the end of the shutdown budget"))
-            } else if attempt > self.config.max_retries {
-                Some(format!("after {attempt} attempts"))
-            } else if retry_at > deadline {
-                Some(format!(
-                    "after {attempt} attempts, at the {:?} delivery deadline",
-                    self.config.deadline
-                ))
-            } else {
-                None
-            };
-            if let Some(why) = give_up {
-                for (e, f) in retry {
-                    let f = Failure::new(f.kind, f.code, format!("{} ({why})", f.message));
-                    let r = &records[e];
-                    sink.fail(&r.members, &f, known_shard(map, r.shard), attempt - 1);
+            let draining = self.draining();
+            todo.clear();
+            for (e, f) in retry {
+                let x = &records[e];
+                let give_up = if draining {
+                    (retry_at > self.deadline_with_drain(x.sink.deadline)).then(|| {
+                        format!("after {attempt} attempts, at the end of the shutdown budget")
+                    })
+                } else if attempt > self.config.max_retries {
+                    Some(format!("after {attempt} attempts"))
+                } else if retry_at > x.sink.deadline {
+                    Some(format!(
+                        "after {attempt} attempts, at the {:?} delivery deadline",
+                        self.config.deadline
+                    ))
+                } else {
+                    None
+                };
+                match give_up {
+                    Some(why) => {
+                        let f = Failure::new(f.kind, f.code, format!("{} ({why})", f.message));
+                        x.sink.fail(
+                            &x.record.members,
+                            &f,
+                            known_shard(&x.map, x.record.shard),
+                            attempt - 1,
+                        );
+                    }
+                    None => todo.push(e),
                 }
-                return RequestResult { misrouted };
             }
-            todo = retry.into_iter().map(|(e, _)| e).collect();
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop.cancelled() => {
-                    abandon(&todo, attempt);
-                    return RequestResult { misrouted };
-                }
+            if todo.is_empty() {
+                return;
             }
+            sleep_unless_all_stopped(&records, &mut todo, retry_at, attempt, &drop_stopped).await;
         }
     }
 }
 
-/// Where a delivery's results go: the per-record outcome, and the caller's progress callback.
-struct Sink<'a> {
-    outcome: &'a Mutex<BatchOutcome>,
-    on_delivered: OnDelivered<'a>,
-    metrics: Option<&'a Metrics>,
-    stream: &'a str,
-    batch: &'a RecordBatch,
-    /// When the records arrived in fluentd's buffer.
-    arrived: SystemTime,
+/// Sleeps until `until`; entries whose delivery stops meanwhile leave `todo` at once (through
+/// `drop_stopped`), and the sleep ends early when none is left.
+async fn sleep_unless_all_stopped(
+    records: &[Entry],
+    todo: &mut Vec<usize>,
+    until: Instant,
+    attempt: u32,
+    drop_stopped: &impl Fn(&mut Vec<usize>, u32),
+) {
+    loop {
+        drop_stopped(todo, attempt);
+        if todo.is_empty() {
+            return;
+        }
+        let mut stops: Vec<&Sink> = Vec::new();
+        for &e in todo.iter() {
+            let s = &*records[e].sink;
+            if !stops.iter().any(|x| std::ptr::eq(*x, s)) {
+                stops.push(s);
+            }
+        }
+        let any_stop =
+            futures::future::select_all(stops.iter().map(|s| Box::pin(s.stop.cancelled())));
+        tokio::select! {
+            _ = tokio::time::sleep_until(until.into()) => return,
+            _ = any_stop => {}
+        }
+    }
 }
 
-impl Sink<'_> {
+/// A Kinesis (or Firehose) record in a call, with the delivery it belongs to. Dropping it
+/// settles it for that delivery (its outcome was recorded first, or it stays pending).
+struct Entry {
+    record: KinesisRecord,
+    /// The shard map the record was planned with (`record.shard` indexes it).
+    map: Arc<ShardMap>,
+    sink: Arc<Sink>,
+}
+
+impl Entry {
+    fn new(record: KinesisRecord, map: Arc<ShardMap>, sink: Arc<Sink>) -> Self {
+        sink.outstanding.fetch_add(1, Ordering::SeqCst);
+        Entry { record, map, sink }
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.sink.outstanding.fetch_sub(1, Ordering::SeqCst);
+        self.sink.settled.notify_waiters();
+    }
+}
+
+/// Where a delivery's results go: the per-record outcome, records confirmed but not yet passed to
+/// the delivery's progress callback, and records that landed on an unexpected shard. Shared with
+/// the calls carrying the delivery's records.
+struct Sink {
+    outcome: Mutex<BatchOutcome>,
+    metrics: Option<Arc<Metrics>>,
+    stream: String,
+    batch: Arc<RecordBatch>,
+    /// When the records arrived in fluentd's buffer.
+    arrived: SystemTime,
+    /// When the delivery gives up retrying (unless fluentd is shutting down).
+    deadline: Instant,
+    /// Fired when the delivery's caller stops it.
+    stop: CancelToken,
+    confirmed: Mutex<Vec<u32>>,
+    /// Entries of this delivery in calls (or waiting for one), and the signal when one settles
+    /// or records are confirmed.
+    outstanding: AtomicUsize,
+    settled: Notify,
+    misrouted: Mutex<Vec<(KinesisRecord, String)>>,
+}
+
+impl Sink {
     /// Records what a plan made: the refused user records, and the records to send.
     fn planned(&self, records: &[KinesisRecord], refused: Vec<Refused>) {
         let mut o = self.lock();
@@ -1128,13 +1285,37 @@ impl Sink<'_> {
         self.outcome.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Marks records delivered and tells the caller, once per response.
+    /// Marks records delivered; the delivery passes them to its progress callback.
     fn delivered(&self, members: &[u32]) {
         if members.is_empty() {
             return;
         }
         self.lock().deliver(members);
-        (self.on_delivered)(members);
+        self.confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(members);
+        self.settled.notify_waiters();
+    }
+
+    /// Passes the records confirmed since the last call to the delivery's progress callback.
+    fn pass_confirmed(&self, on_delivered: OnDelivered<'_>) {
+        let confirmed =
+            std::mem::take(&mut *self.confirmed.lock().unwrap_or_else(|p| p.into_inner()));
+        if !confirmed.is_empty() {
+            on_delivered(&confirmed);
+        }
+    }
+
+    fn misrouted(&self, record: KinesisRecord, landed: String) {
+        self.misrouted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((record, landed));
+    }
+
+    fn take_misrouted(&self) -> Vec<(KinesisRecord, String)> {
+        std::mem::take(&mut *self.misrouted.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Marks records failed for good, and measures them.
@@ -1167,7 +1348,7 @@ impl Sink<'_> {
         shard: Option<&'o str>,
         retries: u32,
     ) {
-        let Some(m) = self.metrics else { return };
+        let Some(m) = &self.metrics else { return };
         let n = members.len();
         obs.add(Name::UserRecordsPut, None, shard, Stats::repeated(1.0, n));
         if m.wants(Name::UserRecordsDataPut) {
@@ -1196,8 +1377,8 @@ impl Sink<'_> {
     }
 
     fn record(&self, obs: &Observations<'_>) {
-        if let Some(m) = self.metrics {
-            m.record(self.stream, obs);
+        if let Some(m) = &self.metrics {
+            m.record(&self.stream, obs);
         }
     }
 }
@@ -1231,11 +1412,13 @@ fn cancelled() -> Failure {
 
 /// What the `entries` of `records` take from their shards' rate limits: (shard, records, bytes).
 fn shard_usage<'a>(
-    map: &'a ShardMap,
-    records: &'a [KinesisRecord],
+    records: &'a [Entry],
     entries: impl Iterator<Item = usize> + 'a,
 ) -> impl Iterator<Item = (&'a str, usize, usize)> + 'a {
-    entries.map(move |e| (shard_id(map, records[e].shard), 1, records[e].billed_size()))
+    entries.map(move |e| {
+        let x = &records[e];
+        (shard_id(&x.map, x.record.shard), 1, x.record.billed_size())
+    })
 }
 
 /// The predicted shard's id, when the map was listed (for metrics' ShardId dimension).

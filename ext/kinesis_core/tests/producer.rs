@@ -613,3 +613,99 @@ async fn keep_order_keeps_each_keys_records_in_order_through_faults() {
         "the same faults without keep_order reorder records"
     );
 }
+
+/// Starts `batches` as consecutive deliveries (as fluentd's chunks with delayed commit: each
+/// starts while the one before is still waiting for its partial call to fill), 20 ms apart.
+async fn put_consecutively(
+    producer: &std::sync::Arc<Producer>,
+    stream: &str,
+    batches: &[RecordBatch],
+) -> Vec<tokio::task::JoinHandle<BatchOutcome>> {
+    let mut running = Vec::new();
+    for b in batches {
+        let (p, s, b) = (producer.clone(), stream.to_string(), b.clone());
+        running.push(tokio::spawn(async move {
+            p.put(&s, &b, &all(b.len()), &go(), &|_| {}).await
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running
+}
+
+/// With `linger`, a delivery's last, partial call waits for the next delivery's records: four
+/// deliveries of 250 records make two full calls of 500 instead of four half-empty ones. The
+/// last partial call goes when its wait is over, or at once when a stop begins the drain. Under
+/// throttling, a retried call that mixes deliveries reports each entry to its own delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consecutive_deliveries_share_calls_within_the_linger_time() {
+    let k = Kinesalite::start();
+    let proxy = FaultProxy::start(&k.endpoint()).await;
+    let admin = support::client(&k.endpoint()).await;
+    let stream = support::unique_stream_name("linger");
+    support::create_stream(&admin, &stream, 4).await;
+    let mut cfg = config(&proxy.endpoint(), KeyMode::RandomPerAggregate);
+    cfg.destination = Destination::Streams { aggregate: false };
+    cfg.linger = Duration::from_secs(2);
+    cfg.max_retries = 30;
+    let producer = std::sync::Arc::new(Producer::new(cfg).await.unwrap());
+    let distinct = |n: usize, tag: &str| {
+        let mut b = RecordBatch::default();
+        for i in 0..n {
+            b.push(format!("{tag}-{i}").as_bytes(), None, None);
+        }
+        b
+    };
+
+    // Full calls: 4 x 250 records -> 2 calls of 500, no wait (the last call is exactly full).
+    let batches: Vec<RecordBatch> = (0..4).map(|d| distinct(250, &format!("full{d}"))).collect();
+    let started = std::time::Instant::now();
+    let mut requests = 0;
+    for h in put_consecutively(&producer, &stream, &batches).await {
+        let o = h.await.unwrap();
+        assert_all_delivered(&o);
+        requests += o.counters.requests;
+    }
+    assert_eq!(
+        requests, 2,
+        "1,000 records of 4 deliveries in 2 calls of 500"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2), "no call waited");
+
+    // A partial call waits for the linger time, then goes.
+    let started = std::time::Instant::now();
+    let o = producer
+        .put(&stream, &distinct(100, "alone"), &all(100), &go(), &|_| {})
+        .await;
+    assert_all_delivered(&o);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(6),
+        "the partial call waited {waited:?}, not the 2 s linger time"
+    );
+
+    // Throttling: calls mixing deliveries are retried entry by entry; each entry reaches its own
+    // delivery. A stop (drain) sends the last partial call without waiting.
+    proxy.always(Fault::PartialThrottle(Entries::Fraction(0.3)));
+    let batches: Vec<RecordBatch> = (0..5).map(|d| distinct(333, &format!("mix{d}"))).collect();
+    let started = std::time::Instant::now();
+    let running = put_consecutively(&producer, &stream, &batches).await;
+    producer.begin_drain(Duration::from_secs(60));
+    let mut throttled = 0;
+    for h in running {
+        let o = h.await.unwrap();
+        assert_all_delivered(&o);
+        throttled += o.counters.throttled_entries;
+    }
+    assert!(throttled > 0, "the proxy throttled nothing");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the drain did not send the waiting call at once"
+    );
+
+    let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+    for r in support::read_all(&admin, &stream).await {
+        *seen.entry(r.data).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 1_000 + 100 + 5 * 333);
+    assert!(seen.values().all(|&n| n == 1), "a record arrived twice");
+}

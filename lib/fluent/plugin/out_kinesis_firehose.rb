@@ -43,8 +43,13 @@ module Fluent
       config_set_default :max_record_size, MAX_RECORD_SIZE_LIMIT
       config_set_default :batch_request_max_size, BATCH_MAX_BYTES
 
-      # fluentd decides an output is buffered by #write defined on the registered class itself.
+      # fluentd decides an output is buffered by #write defined on the registered class itself,
+      # and that it can acknowledge chunks later (delayed commit) by #try_write there too.
       def write(chunk)
+        super
+      end
+
+      def try_write(chunk)
         super
       end
 

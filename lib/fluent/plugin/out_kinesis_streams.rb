@@ -18,8 +18,13 @@ module Fluent
         %w[aggregates wrong_shard resent_user_records].include?(name)
       end.freeze
 
-      # fluentd decides an output is buffered by #write defined on the registered class itself.
+      # fluentd decides an output is buffered by #write defined on the registered class itself,
+      # and that it can acknowledge chunks later (delayed commit) by #try_write there too.
       def write(chunk)
+        super
+      end
+
+      def try_write(chunk)
         super
       end
     end

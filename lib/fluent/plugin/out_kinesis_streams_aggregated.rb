@@ -20,8 +20,13 @@ module Fluent
       desc "Largest aggregate in bytes (default: max_record_size)."
       config_param :aggregation_max_size, :size, default: nil
 
-      # fluentd decides an output is buffered by #write defined on the registered class itself.
+      # fluentd decides an output is buffered by #write defined on the registered class itself,
+      # and that it can acknowledge chunks later (delayed commit) by #try_write there too.
       def write(chunk)
+        super
+      end
+
+      def try_write(chunk)
         super
       end
 
@@ -58,6 +63,10 @@ module Fluent
 
       def extra_producer_options
         super.merge("aggregation_max_size" => @aggregation_max_size, "keep_order" => @keep_order)
+      end
+
+      def ordered?
+        @keep_order
       end
     end
   end

@@ -145,8 +145,14 @@ module Fluent
         end
 
         # --- new parameters ---
-        desc "Batch calls (PutRecords, PutRecordBatch) in flight at once per chunk."
+        desc "Batch calls (PutRecords, PutRecordBatch) in flight at once (shared by the chunks being delivered)."
         config_param :max_concurrent_requests, :integer, default: 8
+        desc "Seconds the last, partial batch call of a chunk may wait for the next chunk's records to fill it " \
+             "(as the KPL's RecordMaxBufferedTime). Chunks are then acknowledged to fluentd once all their records " \
+             "are delivered (delayed commit), so several are delivered at once. 0: each chunk on its own, written synchronously."
+        config_param :record_max_buffered_time, :time, default: 1
+        desc "Chunks being delivered at once with record_max_buffered_time (default: flush_thread_count + 1)."
+        config_param :max_chunks_in_flight, :integer, default: nil
         desc "Seconds one chunk's delivery may take, retries included, before fluentd retries it."
         config_param :delivery_timeout, :time, default: 120
         desc "Seconds one HTTP request may take."
@@ -176,6 +182,9 @@ module Fluent
           super
           @delivered = {}
           @delivered_lock = Mutex.new
+          # Chunks handed over by #try_write and being delivered in the background: id => thread.
+          @flights = {}
+          @flights_changed = ConditionVariable.new
           # Deliveries whose wait was abandoned (the flush thread was killed or raised), by chunk
           # id: they run on, and the chunk's next write collects them before sending anything.
           @inflight = {}
@@ -200,11 +209,20 @@ module Fluent
                                   help_text: "#{self.class::SERVICE} #{name.tr("_", " ")}")]
           end
           log.info "#{self.class::PLUGIN_TYPE} is #{IMPLEMENTATION}"
+          @max_chunks_in_flight ||= @buffer_config.flush_thread_count + 1
+          raise Fluent::ConfigError, "max_chunks_in_flight must be at least 1" if @max_chunks_in_flight < 1
           warn_if_anchor_installed
+        end
+
+        # Delayed commit (see #try_write) when partial calls may wait for the next chunk; never
+        # with keep_order, whose chunks must go one after the other.
+        def prefer_delayed_commit
+          @record_max_buffered_time.positive? && !ordered?
         end
 
         def start
           super
+          raise_delayed_commit_timeout if @delayed_commit
           @producer = FluentPluginKinesisRs::Native::Producer.new(@producer_options)
           remove_orphan_progress_files
           check_destination if @check_stream_on_start
@@ -214,6 +232,9 @@ module Fluent
         # until the shutdown budget is spent (fluentd's force_flush stops at the first failed
         # flush, and a memory chunk still queued when the worker exits is gone).
         def before_shutdown
+          # From here on chunks are written synchronously: fluentd waits for its flush threads, but
+          # not for background deliveries, and takes their chunks back (after_shutdown).
+          @stopping = true
           if @producer
             @drain_deadline = Fluent::Clock.now + @shutdown_timeout
             @producer.begin_drain(@shutdown_timeout)
@@ -230,6 +251,7 @@ module Fluent
           end
           super
           drain_queue if @producer && @flush_at_shutdown && !@as_secondary
+          wait_for_flights(@drain_deadline) if @producer && @delayed_commit
         end
 
         def after_shutdown
@@ -246,11 +268,19 @@ module Fluent
         end
 
         # fluentd purges a chunk here once its write returned (also after <secondary> took it): its
-        # progress file goes with it.
+        # progress file goes with it. With delayed commit, a stop takes back (after_shutdown) the
+        # chunks still being written: such a chunk is not purged, and its progress file stays, so
+        # the next start sends nothing of it again.
         def commit_write(chunk_id, **options)
           super
           progress = @delivered_lock.synchronize { @finished_progress.delete(chunk_id) }
-          remove_progress_file(dump_unique_id_hex(chunk_id), progress) if progress
+          return unless progress
+
+          if @buffer.queue.any? { |c| c.unique_id == chunk_id }
+            log.info "chunk #{dump_unique_id_hex(chunk_id)} was delivered after fluentd took it back at the stop; its progress file marks it delivered"
+          else
+            remove_progress_file(dump_unique_id_hex(chunk_id), progress)
+          end
         end
 
         def statistics
@@ -262,6 +292,27 @@ module Fluent
         # The counters since start, as monitor_agent shows them.
         def kinesis_statistics
           self.class::COUNTERS.keys.to_h { |name| ["#{counter_prefix}_#{name}", @counter_metrics[name].get] }
+        end
+
+        # Delayed commit: the chunk's delivery runs in the background and this returns at once, so
+        # the next chunk's records can fill the calls this one leaves partial. When every record is
+        # delivered or refused, the chunk is acknowledged (commit_write); otherwise it is handed back
+        # to fluentd (rollback_write), which retries it with backoff (or gives it to <secondary>),
+        # and the retry sends only what was not delivered. At most max_chunks_in_flight at once:
+        # this waits for a free place.
+        def try_write(chunk)
+          return write_and_commit(chunk) if @stopping
+
+          chunk_id = dump_unique_id_hex(chunk.unique_id)
+          @delivered_lock.synchronize do
+            if @flights.key?(chunk_id)
+              # fluentd took the chunk back (delayed_commit_timeout) while it was still being delivered.
+              log.warn "chunk #{chunk_id}: its earlier delivery is still running; it acknowledges or hands back the chunk"
+              return
+            end
+            @flights_changed.wait(@delivered_lock, 1) while @flights.size >= @max_chunks_in_flight
+            @flights[chunk_id] = Thread.new { deliver_in_background(chunk, chunk_id) }
+          end
         end
 
         def write(chunk)
@@ -302,6 +353,84 @@ module Fluent
         end
 
         private
+
+        # While stopping: as a synchronous write (a failure raises to fluentd's flush).
+        def write_and_commit(chunk)
+          write(chunk)
+          commit_write(chunk.unique_id)
+        end
+
+        # The synchronous write's steps, then the chunk is acknowledged or handed back.
+        def deliver_in_background(chunk, chunk_id)
+          Thread.current.name = "kinesis-chunk" if Thread.current.respond_to?(:name=)
+          begin
+            write(chunk)
+          rescue Fluent::UnrecoverableError => e
+            give_up_chunk(chunk, e)
+          rescue StandardError => e
+            # As fluentd does for a failed synchronous write: the chunk goes back to the queue, and
+            # the retry state logs "failed to flush the buffer" with the error and the next retry.
+            update_retry_state(chunk.unique_id, @as_secondary, e) if rollback_write(chunk.unique_id, update_retry: false)
+          else
+            commit_write(chunk.unique_id)
+          end
+        rescue Exception => e # rubocop:disable Lint/RescueException
+          # Acknowledging failed (the buffer is closing): fluentd's own rollback at shutdown keeps the chunk.
+          log.error "chunk #{chunk_id}: cannot acknowledge its delivery to fluentd", error: e
+        ensure
+          @delivered_lock.synchronize do
+            @flights.delete(chunk_id)
+            @flights_changed.broadcast
+          end
+        end
+
+        # What fluentd does with a chunk whose write cannot succeed: <secondary> (a synchronous one)
+        # takes it, else it is backed up (see fluentd's backup_dir) and purged.
+        def give_up_chunk(chunk, error)
+          log.error "chunk #{dump_unique_id_hex(chunk.unique_id)} cannot be delivered; #{@secondary ? "<secondary> takes it" : "backing it up"}",
+                    error: error.message
+          if @secondary && !@secondary.delayed_commit
+            begin
+              @secondary.write(chunk)
+              return commit_write(chunk.unique_id, secondary: true)
+            rescue StandardError => e
+              log.warn "<secondary> failed too; backing the chunk up", error: e
+            end
+          end
+          backup_chunk(chunk, false, true)
+        end
+
+        # Waits (at most until `deadline`) for the chunks being delivered in the background, or
+        # (`until_queued`) until one is handed back to the queue.
+        def wait_for_flights(deadline, until_queued: false)
+          @delivered_lock.synchronize do
+            until @flights.empty? || (until_queued && @buffer.queued?) || Fluent::Clock.now >= deadline
+              @flights_changed.wait(@delivered_lock, [deadline - Fluent::Clock.now, 1].min.clamp(0.01, 1))
+            end
+          end
+        end
+
+        def flights
+          @delivered_lock.synchronize { @flights.size }
+        end
+
+        # A delivery may outlast its deadline by one call, and waits for its turn behind other
+        # chunks' calls: fluentd must not take a chunk back (delayed_commit_timeout) meanwhile.
+        # (fluentd sets @delayed_commit and @delayed_commit_timeout in #start.)
+        def raise_delayed_commit_timeout
+          needed = 2 * @delivery_timeout + @request_timeout + @record_max_buffered_time
+          needed = [needed, @shutdown_timeout + @request_timeout].max.ceil
+          return if @delayed_commit_timeout >= needed
+
+          log.info "delayed_commit_timeout raised from #{@delayed_commit_timeout}s to #{needed}s: a chunk being delivered " \
+                   "(delivery_timeout #{@delivery_timeout}s, shutdown_timeout #{@shutdown_timeout}s) must not be taken back"
+          @delayed_commit_timeout = needed
+        end
+
+        # Whether chunks must be delivered one after the other (keep_order).
+        def ordered?
+          false
+        end
 
         # The setting naming where chunks go (chunk placeholders allowed).
         def target_name_template
@@ -482,6 +611,7 @@ module Fluent
             "batch_request_max_count" => @batch_request_max_count, "batch_request_max_size" => @batch_request_max_size,
             "concurrency" => @max_concurrent_requests, "retries" => @retries_on_batch_request,
             "reset_backoff_if_success" => @reset_backoff_if_success, "deadline" => @delivery_timeout.to_f,
+            "linger" => (prefer_delayed_commit ? @record_max_buffered_time.to_f : 0.0),
             "user_agent" => "fluentd/#{Fluent::VERSION}"
           }.merge(extra_producer_options)
         end
@@ -704,7 +834,12 @@ module Fluent
         # After fluentd's force_flush: it stops at the first failed flush and never starts while a
         # retry is pending, so queued chunks are written here until the budget is spent.
         def drain_queue
-          while @buffer.queued? && Fluent::Clock.now < @drain_deadline
+          while (@buffer.queued? || flights.positive?) && Fluent::Clock.now < @drain_deadline
+            # A chunk delivered in the background and handed back is in the queue again.
+            unless @buffer.queued?
+              wait_for_flights(@drain_deadline, until_queued: true)
+              next
+            end
             before = @buffer.queue.size
             begin
               try_flush
