@@ -254,6 +254,11 @@ module Bench
     [label, *cells]
   end
 
+  # "name value, name value, ..." over the columns of `series` (as in #row): for summary lines.
+  def per_column(series, digits = 2, separator: ", ")
+    series.map { |name, runs| "#{name} #{runs.is_a?(Array) ? fmt(yield(runs), digits) : "skipped"}" }.join(separator)
+  end
+
   # Notes under a table for the columns that have no runs.
   def skipped_notes(series)
     series.select { |_, runs| runs.is_a?(String) }.map { |name, why| "#{name} skipped: #{why}" }
@@ -336,8 +341,14 @@ class BenchKinesis
     read_back["unique"] == read_back["expected"] && read_back["duplicates"].zero? && read_back["kcl_dropped"].zero?
   end
 
-  def self.read_back_text(read_back)
-    "#{read_back["unique"]} of #{read_back["expected"]}, #{read_back["duplicates"]} dup, #{read_back["missing"]} missing"
+  # Table cells of the read-backs of several runs: "unique/expected" (with " !" unless every one
+  # was complete), and "duplicates, missing, KCL-dropped".
+  def self.read_back_cell(read_backs)
+    "#{read_backs.sum { |b| b["unique"] }}/#{read_backs.sum { |b| b["expected"] }}" + (read_backs.all? { |b| all_back?(b) } ? "" : " !")
+  end
+
+  def self.problems_cell(read_backs)
+    %w[duplicates missing kcl_dropped].map { |k| read_backs.sum { |b| b[k] } }.join(", ")
   end
 end
 
@@ -602,12 +613,10 @@ def report_fluentd_cpu(ctx, series)
                "every round, CPU µs per record: #{every}", *Bench.skipped_notes(series)])
   ours = above_buffered_floor(series, "ours")
   anchor = above_buffered_floor(series, "anchor")
-  ctx.summary << "(a) fluentd CPU µs per record: " +
-                 series.map { |name, runs| "#{name} #{runs.is_a?(Array) ? Bench.fmt(Bench.median(runs.map { |r| cpu_us(r) }), 2) : "skipped"}" }.join(", ") +
+  ctx.summary << "(a) fluentd CPU µs per record: " + Bench.per_column(series) { |runs| Bench.median(runs.map { |r| cpu_us(r) }) } +
                  "; above floor+buffer: ours #{Bench.fmt(ours, 2)}, " +
                  (anchor ? "anchor #{Bench.fmt(anchor, 2)} (anchor/ours #{ratio_text(anchor, ours)})" : "anchor skipped")
-  ctx.summary << "(d) peak RSS MiB (VmHWM), median: " +
-                 series.map { |name, runs| "#{name} #{runs.is_a?(Array) ? Bench.fmt(Bench.median(runs.map { |r| r["vm_hwm_kib"] / 1024.0 }), 1) : "skipped"}" }.join(", ")
+  ctx.summary << "(d) peak RSS MiB (VmHWM), median: " + Bench.per_column(series, 1) { |runs| Bench.median(runs.map { |r| r["vm_hwm_kib"] / 1024.0 }) }
 end
 
 def ratio_text(numerator, denominator)
@@ -644,14 +653,8 @@ def report_calls(ctx, series)
     row.("  delivered / minimum", 3, median_of.("units_ratio")),
     row.("failed entries, all rounds", 0, sum_of.("failed_entries")),
     row.("HTTP errors, all rounds", 0, sum_of.("http_errors")),
-    row.("read back, all rounds", 0, proc { |runs|
-      rb = runs.map { |r| r["read_back"] }
-      "#{rb.sum { |b| b["unique"] }}/#{rb.sum { |b| b["expected"] }}" + (rb.all? { |b| BenchKinesis.all_back?(b) } ? "" : " !")
-    }),
-    row.("  duplicates, missing, KCL-dropped", 0, proc { |runs|
-      rb = runs.map { |r| r["read_back"] }
-      %w[duplicates missing kcl_dropped].map { |k| rb.sum { |b| b[k] } }.join(", ")
-    })
+    row.("read back, all rounds", 0, proc { |runs| BenchKinesis.read_back_cell(runs.map { |r| r["read_back"] }) }),
+    row.("  duplicates, missing, KCL-dropped", 0, proc { |runs| BenchKinesis.problems_cell(runs.map { |r| r["read_back"] }) })
   ]
   Bench.table("PutRecords calls (counting proxy), #{Bench.fmt(Bench::LINES)} lines, median of #{Bench::ROUNDS} round(s)",
               columns, rows,
@@ -660,21 +663,13 @@ def report_calls(ctx, series)
                "what the same bytes would cost cut into full 1 MiB records (41 units each) and one last smaller record",
                *Bench.skipped_notes(kinesis)])
   report_own_counters(series["ours"])
-  figures = ->(name) { kinesis[name].is_a?(Array) ? kinesis[name].map { |r| call_figures(r["wire"]) } : nil }
-  ctx.summary << "(b) PutRecords calls, median: " + columns.map { |name|
-    f = figures.(name)
-    next "#{name} skipped" unless f
-
-    "#{name} #{Bench.fmt(Bench.median(f.map { |x| x["calls"] }))} calls, #{Bench.fmt(Bench.median(f.map { |x| x["entries_per_call"] }), 1)} " \
-      "records/call, #{Bench.fmt(Bench.median(f.map { |x| x["full_pct"] }), 1)} % full"
-  }.join("; ")
-  ctx.summary << "(c) PUT payload units / minimum, median: " + columns.map { |name|
-    f = figures.(name)
-    "#{name} #{f ? Bench.fmt(Bench.median(f.map { |x| x["units_ratio"] }), 3) : "skipped"}"
-  }.join(", ")
-  ctx.summary << "    every line read back once (fluentd part): " + columns.map { |name|
-    "#{name} #{kinesis[name].is_a?(Array) ? (kinesis[name].all? { |r| BenchKinesis.all_back?(r["read_back"]) } ? "yes" : "NO") : "skipped"}"
-  }.join(", ")
+  ctx.summary << "(b) PutRecords calls, median: " + Bench.per_column(kinesis, separator: "; ") { |runs|
+    "#{Bench.fmt(median_of.("calls").(runs))} calls, #{Bench.fmt(median_of.("entries_per_call").(runs), 1)} records/call, " \
+      "#{Bench.fmt(median_of.("full_pct").(runs), 1)} % full"
+  }
+  ctx.summary << "(c) PUT payload units / minimum, median: " + Bench.per_column(kinesis, 3, &median_of.("units_ratio"))
+  ctx.summary << "    every line read back once (fluentd part): " +
+                 Bench.per_column(kinesis) { |runs| runs.all? { |r| BenchKinesis.all_back?(r["read_back"]) } ? "yes" : "NO" }
 end
 
 # Ours' own counters (monitor_agent) against what the proxy saw, each round.
@@ -781,9 +776,8 @@ def report_write_path(ctx, series)
     ["PutRecords calls", 0, proc { |runs| wire.(runs) { figures.(runs, "calls") } }],
     ["Kinesis records per call (mean)", 2, proc { |runs| wire.(runs) { figures.(runs, "entries_per_call") } }],
     ["calls full, %", 1, proc { |runs| wire.(runs) { figures.(runs, "full_pct") } }],
-    ["read back, all rounds", 0, proc { |runs|
-      wire.(runs) { "#{runs.sum { |r| r["read_back"]["unique"] }}/#{runs.sum { |r| r["read_back"]["expected"] }}" + (runs.all? { |r| BenchKinesis.all_back?(r["read_back"]) } ? "" : " !") }
-    }]
+    ["read back, all rounds", 0, proc { |runs| wire.(runs) { BenchKinesis.read_back_cell(runs.map { |r| r["read_back"] }) } }],
+    ["  duplicates, missing, KCL-dropped", 0, proc { |runs| wire.(runs) { BenchKinesis.problems_cell(runs.map { |r| r["read_back"] }) } }]
   ].map { |label, digits, f| Bench.row(label, series, columns, digits, &f) }
   every = series.select { |_, runs| runs.is_a?(Array) }
                 .map { |name, runs| "#{name} #{runs.map { |r| "#{Bench.fmt(phase_us(r, "emit_cpu_s"), 2)}+#{Bench.fmt(phase_us(r, "write_cpu_s"), 2)}" }.join(", ")}" }.join("; ")
@@ -797,7 +791,7 @@ def report_write_path(ctx, series)
   ours = own.(series["ours"], "ours")
   anchor = series["anchor"].is_a?(Array) ? own.(series["anchor"], "anchor") : nil
   ctx.summary << "(a) write path CPU µs per record: " +
-                 %w[floor floor+buffer anchor ours].map { |c| "#{c} #{series[c].is_a?(Array) ? Bench.fmt(median.(series[c], &total), 2) : "skipped"}" }.join(", ") +
+                 Bench.per_column(series.slice("floor", "floor+buffer", "anchor", "ours")) { |runs| median.(runs, &total) } +
                  "; above floor+buffer: ours #{Bench.fmt(ours, 2)}, " +
                  (anchor ? "anchor #{Bench.fmt(anchor, 2)} (anchor/ours #{ratio_text(anchor, ours)})" : "anchor skipped")
 end
@@ -895,8 +889,8 @@ def report_shards(ctx, results)
     end,
     ["CPU % busy, whole machine (of #{Etc.nprocessors * 100})", ->(_, r) { Bench.fmt(r["cpu_pct"]["machine"], 0) }],
     ["peak RSS MiB (VmHWM)", ->(_, r) { Bench.fmt(r["vm_hwm_kib"] / 1024.0, 1) }],
-    ["lines read back", ->(_, r) { "#{r["read_back"]["unique"]}/#{r["lines"]}" }],
-    ["  duplicates, missing, KCL-dropped", ->(_, r) { %w[duplicates missing kcl_dropped].map { |k| r["read_back"][k] }.join(", ") }]
+    ["lines read back", ->(_, r) { BenchKinesis.read_back_cell([r["read_back"]]) }],
+    ["  duplicates, missing, KCL-dropped", ->(_, r) { BenchKinesis.problems_cell([r["read_back"]]) }]
   ].map { |label, f| [label, *results.map { |n, r| f.(n, r) }] }
   Bench.table("throttled shards: ours in fluentd (in_tail), fault proxy limiting each shard to 1 MiB/s and 1,000 records/s, one run each",
               columns, rows,
