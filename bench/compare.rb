@@ -39,7 +39,8 @@
 #
 # shards: ours alone, in a real fluentd (in_tail as above), writing to streams of N shards
 # through test/support/fault_proxy.rb, which limits every shard to 1 MiB/s and 1,000 records/s
-# as Kinesis does (entries above that are throttled), for each N of SHARD_COUNTS. The log is
+# as Kinesis does (entries above that are throttled), for each N of SHARD_COUNTS (each N with a
+# kinesalite and proxies of its own: kinesalite keeps every record in memory). The log is
 # sized to take about SHARD_SECONDS at N MiB/s. The delivered rate is taken over the steady part:
 # the middle 80% of the bytes delivered (from the call that brought the total past 10% to the one
 # that brought it past 90%), and printed against N MiB/s; every line is read back. The proxies,
@@ -294,14 +295,25 @@ class CountingProxy
   end
 end
 
-# The Kinesis side: kinesalite and the counting proxy in front of it; #with_fault_proxy puts the
-# fault proxy in between.
+# The Kinesis side: a kinesalite of its own and the counting proxy in front of it, with (fault:
+# true) test/support/fault_proxy.rb in between: fluentd -> counting proxy -> fault proxy ->
+# kinesalite. kinesalite keeps every record in memory, so the parts that send the most each have
+# their own.
 class BenchKinesis
-  attr_reader :kinesis, :proxy
+  attr_reader :kinesis, :proxy, :fault
 
-  def initialize
+  def initialize(fault: false)
     @kinesis = LocalKinesis.new
-    @proxy = CountingProxy.new(@kinesis.endpoint)
+    @fault = FaultProxy.new(@kinesis.endpoint) if fault
+    @proxy = CountingProxy.new((@fault || @kinesis).endpoint)
+  end
+
+  # Yields a new BenchKinesis and stops it after.
+  def self.open(fault: false)
+    bk = new(fault: fault)
+    yield bk
+  ensure
+    bk&.stop
   end
 
   def endpoint
@@ -312,18 +324,14 @@ class BenchKinesis
     @kinesis.create_stream(name, shards)
   end
 
-  # Yields (fault proxy, counting proxy in front of it): fluentd -> counting -> fault -> kinesalite.
-  def with_fault_proxy
-    fault = FaultProxy.new(@kinesis.endpoint)
-    counting = CountingProxy.new(fault.endpoint)
-    yield fault, counting
-  ensure
-    counting&.stop
-    fault&.stop
+  # The processes on the Kinesis side: {"kinesalite" => pid, "fault proxy" => pid, "counting proxy" => pid}.
+  def pids
+    { "kinesalite" => @kinesis.pid, "fault proxy" => @fault&.pid, "counting proxy" => @proxy.pid }.compact
   end
 
   def stop
     @proxy.stop
+    @fault&.stop
     @kinesis.stop
   end
 
@@ -837,37 +845,38 @@ def shards_part(ctx)
   source = File.join(dir, "access.log")
   puts "bench: shards part: writing a log of #{Bench.fmt(lines_for.values.max)} lines for #{lines_for.map { |n, l| "#{n} shards #{Bench.fmt(l)}" }.join(", ")}..."
   offsets = write_log_file(source, lines_for.values)
-  results = {}
-  ctx.bk.with_fault_proxy do |fault, counting|
-    fault.shard_limit(Bench::MIB, 1000)
-    lines_for.each do |shards, lines|
-      stream = ctx.bk.create_stream("bench-shards-#{shards}", shards)
-      with_fluentd(ctx, "ours-#{shards}-shards", kinesis_match(stream, counting.endpoint), ctx.ours_lib) do |run|
-        over0 = fault.stats["entries_over_shard_limit"].to_i
-        pids = { "fluentd" => run.pid, "kinesalite" => ctx.bk.kinesis.pid, "fault proxy" => fault.pid, "counting proxy" => counting.pid }
-        cpu_of = ->(pid) { pid == :machine ? Bench.machine_busy_seconds : Bench.proc_cpu_seconds(pid) }
-        pids["machine"] = :machine
-        cpu0 = pids.transform_values(&cpu_of)
-        t0 = Bench.now
-        run.append_file(source, offsets[lines])
-        done = run.wait_for { counting.stats(stream)["user_records_ok"].to_i >= lines }
-        wall = Bench.now - t0
-        r = { "lines" => lines, "complete" => !done.nil?, "wall" => wall,
-              "cpu_pct" => pids.to_h { |name, pid| [name, 100 * (cpu_of.(pid) - cpu0[name]) / wall] },
-              "vm_hwm_kib" => run.memory_kib("VmHWM"), "wire" => counting.stats(stream),
-              "over_limit" => fault.stats["entries_over_shard_limit"].to_i - over0 }
-        warn "bench: #{shards} shards: not every line delivered within #{Bench::TIMEOUT} s; fluentd log tail:\n#{run.log_tail}" unless r["complete"]
-        calls = counting.calls(stream)
-        r["steady"], r["first_to_last"] = steady_rate(calls)
-        r["seconds"] = calls.empty? ? nil : calls.map(&:first).minmax.reduce { |a, b| b - a }
-        run.stop
-        r["read_back"] = ctx.bk.read_back(stream, lines)
-        results[shards] = r
-      end
+  results = lines_for.to_h do |shards, lines|
+    r = BenchKinesis.open(fault: true) do |bk|
+      bk.fault.shard_limit(Bench::MIB, 1000)
+      shards_run(ctx, bk, shards, lines) { |run| run.append_file(source, offsets[lines]) }
     end
+    [shards, r]
   end
   FileUtils.rm_rf(dir)
   report_shards(ctx, results)
+end
+
+# Ours in fluentd on a stream of `shards` shards; the block appends `lines` lines to the run's log.
+def shards_run(ctx, bk, shards, lines)
+  stream = bk.create_stream("bench-shards-#{shards}", shards)
+  with_fluentd(ctx, "ours-#{shards}-shards", kinesis_match(stream, bk.endpoint), ctx.ours_lib) do |run|
+    # CPU seconds of each process, and of the whole machine.
+    cpu = -> { bk.pids.merge("fluentd" => run.pid).transform_values { |pid| Bench.proc_cpu_seconds(pid) }.merge("machine" => Bench.machine_busy_seconds) }
+    cpu0 = cpu.()
+    t0 = Bench.now
+    yield run
+    done = run.wait_for { bk.proxy.stats(stream)["user_records_ok"].to_i >= lines }
+    wall = Bench.now - t0
+    r = { "lines" => lines, "complete" => !done.nil?, "wall" => wall, "cpu_pct" => cpu.().to_h { |name, s| [name, 100 * (s - cpu0[name]) / wall] },
+          "vm_hwm_kib" => run.memory_kib("VmHWM"), "wire" => bk.proxy.stats(stream), "over_limit" => bk.fault.stats["entries_over_shard_limit"].to_i }
+    warn "bench: #{shards} shards: not every line delivered within #{Bench::TIMEOUT} s; fluentd log tail:\n#{run.log_tail}" unless r["complete"]
+    calls = bk.proxy.calls(stream)
+    r["steady"], r["first_to_last"] = steady_rate(calls)
+    r["seconds"] = calls.empty? ? nil : calls.last.first - calls.first.first
+    run.stop
+    r["read_back"] = bk.read_back(stream, lines)
+    r
+  end
 end
 
 def report_shards(ctx, results)
@@ -935,10 +944,10 @@ def outage_part(ctx)
   buffer = "@type memory\ntotal_limit_size #{Bench::OUTAGE_BUFFER}\nchunk_limit_size #{Bench::OUTAGE_CHUNK}\nflush_interval 1s\nretry_max_interval 5s"
   puts "bench: outage part: #{Bench::OUTAGE_SECONDS} s of HTTP 500, #{Bench.fmt(rate)} lines/s appended, " \
        "total_limit_size #{Bench::OUTAGE_BUFFER}, chunk_limit_size #{Bench::OUTAGE_CHUNK}"
-  ctx.bk.with_fault_proxy do |fault, counting|
-    stream = ctx.bk.create_stream("bench-outage", Bench::SHARDS)
-    fault.always("status 500")
-    with_fluentd(ctx, "ours-outage", kinesis_match(stream, counting.endpoint, buffer: buffer), ctx.ours_lib) do |run|
+  BenchKinesis.open(fault: true) do |bk|
+    stream = bk.create_stream("bench-outage", Bench::SHARDS)
+    bk.fault.always("status 500")
+    with_fluentd(ctx, "ours-outage", kinesis_match(stream, bk.endpoint, buffer: buffer), ctx.ours_lib) do |run|
       stop = [false]
       writer = steady_writer(run, rate, stop)
       samples = []
@@ -953,17 +962,16 @@ def outage_part(ctx)
       end
       stop[0] = true
       written = writer.value
-      fault.clear
+      bk.fault.clear
       t1 = Bench.now
       done = run.wait_for do
         out = run.output
-        out["emit_records"] >= written && counting.stats(stream)["user_records_ok"].to_i >= out["emit_records"] && out["buffer_total_queued_size"].zero?
+        out["emit_records"] >= written && bk.proxy.stats(stream)["user_records_ok"].to_i >= out["emit_records"] && out["buffer_total_queued_size"].zero?
       end
-      recovery = { "complete" => !done.nil?, "seconds" => Bench.now - t1, "written" => written, "accepted" => run.output["emit_records"],
-                   "delivered_calls" => counting.stats(stream)["user_records_ok"].to_i, "http_errors" => counting.stats(stream)["http_errors"] }
+      recovery = { "complete" => !done.nil?, "seconds" => Bench.now - t1, "written" => written, "accepted" => run.output["emit_records"] }
       warn "bench: outage: not everything delivered within #{Bench::TIMEOUT} s after the fault was cleared:\n#{run.log_tail}" unless recovery["complete"]
       run.stop
-      recovery["read_back"] = ctx.bk.read_back(stream, written)
+      recovery["read_back"] = bk.read_back(stream, written)
       report_outage(ctx, samples, recovery, limit, chunk, rate)
     end
   end
@@ -1028,8 +1036,10 @@ def main
     puts "bench: anchor SKIPPED: #{ctx.anchor_why}"
   end
 
-  ctx.bk = BenchKinesis.new
-  puts "bench: kinesalite #{ctx.bk.kinesis.endpoint}, counting proxy #{ctx.bk.endpoint}"
+  if Bench.part?("fluentd") || Bench.part?("write_path")
+    ctx.bk = BenchKinesis.new
+    puts "bench: kinesalite #{ctx.bk.kinesis.endpoint}, counting proxy #{ctx.bk.endpoint}"
+  end
   fluentd_part(ctx) if Bench.part?("fluentd")
   write_path_part(ctx) if Bench.part?("write_path")
   shards_part(ctx) if Bench.part?("shards")
