@@ -9,10 +9,16 @@
 # stdin closes. Every request is forwarded unchanged over one upstream connection per client
 # connection. For PutRecords (X-Amz-Target Kinesis_20131202.PutRecords, JSON body) it counts,
 # per stream: calls, entries, bytes (data + partition key, as Kinesis counts them), PUT payload
-# units (25 KB per entry, rounded up), user records inside KPL aggregates, failed entries from
-# the response, and the time of the last successful entry.
+# units (25 KiB per entry, rounded up), user records inside KPL aggregates, failed entries from
+# the response, the entries, bytes and payload units the answer says were delivered, full calls,
+# the seconds spent waiting for the upstream's answers, and the time of the first call and of the
+# last successful entry. A call is full when it holds
+# 500 entries, or when its bytes are within one record of the largest size (1 MiB) of the 5 MiB
+# a call may carry: the next Kinesis record might not have fit.
 #
-#   GET /__bench/stats   the counters as JSON (this path never goes upstream)
+#   GET /__bench/stats               the counters as JSON (these paths never go upstream)
+#   GET /__bench/calls?stream=NAME   [[time, bytes delivered], ...]: one pair per call of that
+#                                    stream that delivered anything, in the order answered
 
 require "socket"
 require "json"
@@ -23,7 +29,8 @@ class CountingProxy
   KPL_MAGIC = "\xF3\x89\x9A\xC2".b
   PAYLOAD_UNIT = 25 * 1024
   MAX_CALL_BYTES = 5 * 1024 * 1024
-  FULL_CALL = 0.95
+  MAX_CALL_ENTRIES = 500
+  MAX_RECORD_BYTES = 1024 * 1024
 
   def initialize(upstream)
     uri = URI(upstream)
@@ -32,6 +39,7 @@ class CountingProxy
     @lock = Mutex.new
     @streams = Hash.new { |h, k| h[k] = new_stream_stats }
     @targets = Hash.new(0)
+    @calls = Hash.new { |h, k| h[k] = [] }
   end
 
   def run
@@ -54,21 +62,23 @@ class CountingProxy
   def new_stream_stats
     { "calls" => 0, "entries" => 0, "bytes" => 0, "payload_units" => 0, "user_records" => 0,
       "user_records_ok" => 0, "failed_entries" => 0, "http_errors" => 0, "full_calls" => 0,
-      "max_call_bytes" => 0, "first_call_at" => nil, "last_ok_at" => nil }
+      "delivered_entries" => 0, "delivered_bytes" => 0, "delivered_payload_units" => 0,
+      "max_call_bytes" => 0, "upstream_seconds" => 0.0, "first_call_at" => nil, "last_ok_at" => nil }
   end
 
   def serve(client)
     upstream = nil
     loop do
       request = read_message(client, request: true) or break
-      if request[:start].start_with?("GET /__bench/stats")
-        body = @lock.synchronize { JSON.generate("streams" => @streams, "targets" => @targets) }
+      if (body = own_answer(request[:start]))
         client.write("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: #{body.bytesize}\r\n\r\n#{body}")
         next
       end
+      started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
       upstream, response = exchange(upstream, request)
+      upstream_seconds = Process.clock_gettime(Process::CLOCK_MONOTONIC) - started
       client.write(response[:raw])
-      account(request, response)
+      account(request, response, upstream_seconds)
       if close?(request) || close?(response)
         upstream.close
         upstream = nil
@@ -80,6 +90,20 @@ class CountingProxy
   ensure
     client.close unless client.closed?
     upstream&.close
+  end
+
+  # The JSON body of a /__bench/ request, nil for any other.
+  def own_answer(start)
+    path = start.split[1].to_s
+    return nil unless path.start_with?("/__bench/")
+
+    @lock.synchronize do
+      case path
+      when "/__bench/stats" then JSON.generate("streams" => @streams, "targets" => @targets)
+      when %r{\A/__bench/calls\?stream=(.+)\z} then JSON.generate(@calls.fetch(URI.decode_www_form_component(Regexp.last_match(1)), []))
+      else JSON.generate("error" => "unknown path #{path}")
+      end
+    end
   end
 
   # Sends the request upstream and reads the answer: [upstream socket, response]. The server
@@ -154,7 +178,7 @@ class CountingProxy
     message[:headers]["connection"]&.casecmp?("close")
   end
 
-  def account(request, response)
+  def account(request, response, upstream_seconds)
     target = request[:headers]["x-amz-target"].to_s
     @lock.synchronize { @targets[target] += 1 }
     return unless target == PUT_RECORDS
@@ -172,11 +196,12 @@ class CountingProxy
       s = @streams[stream]
       call_bytes = entries.sum(&:first)
       s["calls"] += 1
+      s["upstream_seconds"] += upstream_seconds
       s["entries"] += entries.size
       s["bytes"] += call_bytes
       s["payload_units"] += entries.sum { |bytes, _| (bytes + PAYLOAD_UNIT - 1) / PAYLOAD_UNIT }
       s["user_records"] += entries.sum(&:last)
-      s["full_calls"] += 1 if call_bytes >= FULL_CALL * MAX_CALL_BYTES
+      s["full_calls"] += 1 if entries.size >= MAX_CALL_ENTRIES || call_bytes >= MAX_CALL_BYTES - MAX_RECORD_BYTES
       s["max_call_bytes"] = call_bytes if call_bytes > s["max_call_bytes"]
       s["first_call_at"] ||= now
       unless ok
@@ -184,15 +209,23 @@ class CountingProxy
         next
       end
       delivered = 0
-      entries.each_with_index do |(_, users), i|
+      delivered_bytes = 0
+      entries.each_with_index do |(bytes, users), i|
         if results[i].nil? || results[i]["ErrorCode"]
           s["failed_entries"] += 1
         else
           delivered += users
+          delivered_bytes += bytes
+          s["delivered_entries"] += 1
+          s["delivered_payload_units"] += (bytes + PAYLOAD_UNIT - 1) / PAYLOAD_UNIT
         end
       end
       s["user_records_ok"] += delivered
-      s["last_ok_at"] = now if delivered.positive?
+      s["delivered_bytes"] += delivered_bytes
+      next unless delivered.positive?
+
+      s["last_ok_at"] = now
+      @calls[stream] << [now, delivered_bytes]
     end
   end
 

@@ -7,6 +7,8 @@
 #   ruby bench/write_path.rb ENDPOINT STREAM RECORDS
 #   ruby bench/write_path.rb - - RECORDS null     fluentd's own share: `@type null` with the
 #                                                 same memory buffer (8 MiB chunks by tag)
+#   ruby bench/write_path.rb - - RECORDS null-unbuffered   `@type null` without a buffer: the
+#                                                 events go straight to its #process (the floor)
 #
 # The events are the apache2 parser's records of RECORDS bench lines, fed as in_tail emits them
 # (event streams of 1,000) into the plugin's default memory buffer. First a warm-up of WARMUP
@@ -97,15 +99,18 @@ end
 warmup = packed_streams.(count...count + WARMUP)
 slices = packed_streams.(0...count)
 
-klass = Fluent::Plugin.new_output(type).class
+klass = Fluent::Plugin.new_output(type == "null-unbuffered" ? "null" : type).class
 implementation = if type == "null" then "fluentd #{Fluent::VERSION} null output, buffered"
+                 elsif type == "null-unbuffered" then "fluentd #{Fluent::VERSION} null output, unbuffered"
                  elsif defined?(FluentPluginKinesisRs::VERSION) then "fluent-plugin-kinesis-rs #{FluentPluginKinesisRs::VERSION}"
                  elsif defined?(FluentPluginKinesis::VERSION) then "fluent-plugin-kinesis #{FluentPluginKinesis::VERSION}"
                  else klass.name
                  end
 
 driver = BenchOutputDriver.new(klass)
-if type == "null"
+if type == "null-unbuffered"
+  driver.configure("")
+elsif type == "null"
   # out_null's own buffer defaults (10 KiB chunks) are for tests; use the memory buffer's.
   driver.configure(<<~CONF)
     <buffer tag>
@@ -137,8 +142,10 @@ plugin.singleton_class.prepend(Module.new do
 end)
 
 # No chunk staged, queued or being written: buffer.dequeued holds the chunks a flush thread took
-# and is writing (dequeued_chunks only those awaiting a delayed commit).
+# and is writing (dequeued_chunks only those awaiting a delayed commit). Always, without a buffer.
 def settled?(plugin)
+  return true unless plugin.buffer
+
   plugin.buffer.queue.empty? && plugin.buffer.stage.empty? && plugin.buffer.dequeued.empty? &&
     plugin.dequeued_chunks_mutex.synchronize { plugin.dequeued_chunks.empty? }
 end
