@@ -174,7 +174,10 @@ pub struct AggregateBuilder {
     partition_keys: KeyTable,
     hash_keys: KeyTable,
     hash_key_text: String,
+    /// The encoded records, after `front` bytes left for the magic and the key tables, so that
+    /// `finish` writes the aggregate in place instead of copying it.
     records: Vec<u8>,
+    front: usize,
     count: usize,
 }
 
@@ -196,6 +199,7 @@ impl AggregateBuilder {
             hash_keys: KeyTable::default(),
             hash_key_text: String::new(),
             records: Vec::new(),
+            front: 0,
             count: 0,
         }
     }
@@ -215,6 +219,7 @@ impl AggregateBuilder {
 
     fn proto_len(&self) -> usize {
         self.partition_keys.encoded_len() + self.hash_keys.encoded_len() + self.records.len()
+            - self.front
     }
 
     fn place(
@@ -271,6 +276,13 @@ impl AggregateBuilder {
             self.hash_keys.insert(0x12, &text, slot);
             self.hash_key_text = text;
         }
+        if self.count == 0 {
+            // The tables as they stand after the first record; with one shared key (the usual
+            // case) they never change again.
+            self.front =
+                MAGIC.len() + self.partition_keys.encoded_len() + self.hash_keys.encoded_len();
+            self.records.resize(self.front, 0);
+        }
         let out = &mut self.records;
         out.reserve(len_field(p.record_body));
         out.push(0x1a);
@@ -294,6 +306,7 @@ impl AggregateBuilder {
         self.partition_keys.clear();
         self.hash_keys.clear();
         self.records.clear();
+        self.front = 0;
         self.count = 0;
     }
 
@@ -303,11 +316,22 @@ impl AggregateBuilder {
     pub fn finish(&mut self) -> Vec<u8> {
         debug_assert!(!self.is_empty(), "finishing an empty aggregate");
         let proto_len = self.proto_len();
-        let mut out = Vec::with_capacity(FRAME_OVERHEAD + proto_len);
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&self.partition_keys.encoded);
-        out.extend_from_slice(&self.hash_keys.encoded);
-        out.extend_from_slice(&self.records);
+        let (pk, hk) = (&self.partition_keys.encoded, &self.hash_keys.encoded);
+        let head = MAGIC.len() + pk.len() + hk.len();
+        let mut out = std::mem::take(&mut self.records);
+        let front = self.front;
+        if head != front {
+            // The key tables grew after the first record: move the records up behind them.
+            let body = out.len() - front;
+            if head > front {
+                out.resize(head + body, 0);
+            }
+            out.copy_within(front..front + body, head);
+            out.truncate(head + body);
+        }
+        out[..MAGIC.len()].copy_from_slice(&MAGIC);
+        out[MAGIC.len()..MAGIC.len() + pk.len()].copy_from_slice(pk);
+        out[MAGIC.len() + pk.len()..head].copy_from_slice(hk);
         let digest = md5(&out[MAGIC.len()..]);
         out.extend_from_slice(&digest);
         debug_assert_eq!(out.len(), FRAME_OVERHEAD + proto_len);
