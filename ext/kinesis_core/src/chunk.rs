@@ -444,6 +444,12 @@ fn escape_into<const CHECK_UTF8: bool>(out: &mut Vec<u8>, bytes: &[u8]) -> bool 
     }
 }
 
+/// Appends an integer in decimal, as `Display` writes it (without the formatting machinery).
+#[inline]
+fn decimal(out: &mut Vec<u8>, v: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+}
+
 fn json_f64(out: &mut Vec<u8>, v: f64) -> Result<(), FormatError> {
     if !v.is_finite() {
         return Err(needs_ruby("a record holds NaN or Infinity"));
@@ -465,10 +471,10 @@ fn json_value(
         Head::Nil => out.extend_from_slice(b"null"),
         Head::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
         Head::Int(i) => {
-            let _ = write!(out, "{i}");
+            decimal(out, i);
         }
         Head::UInt(u) => {
-            let _ = write!(out, "{u}");
+            decimal(out, u);
         }
         Head::F32(f) => json_f64(out, f64::from(f))?,
         Head::F64(f) => json_f64(out, f)?,
@@ -618,10 +624,10 @@ fn to_s(head: Head, out: &mut Vec<u8>, what: &str) -> Result<Option<()>, FormatE
         Head::Nil => return Ok(None),
         Head::Str(s) | Head::Bin(s) => out.extend_from_slice(s),
         Head::Int(i) => {
-            let _ = write!(out, "{i}");
+            decimal(out, i);
         }
         Head::UInt(u) => {
-            let _ = write!(out, "{u}");
+            decimal(out, u);
         }
         Head::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
         _ => {
@@ -908,7 +914,7 @@ fn write_formatted<'a>(
         if let Some((k, v)) = &inject.worker_id {
             if k == key {
                 if json {
-                    let _ = write!(out, "{v}");
+                    decimal(out, *v);
                 } else {
                     pack_int(out, *v)
                 }
@@ -940,7 +946,7 @@ fn write_formatted<'a>(
                             _ => sec,
                         };
                         if json {
-                            let _ = write!(out, "{v}");
+                            decimal(out, v);
                         } else {
                             pack_int(out, v)
                         }
