@@ -289,13 +289,22 @@ impl Utf8State<'_> {
     }
 }
 
-/// Appends `bytes` as a JSON string. Valid UTF-8 (the norm) is checked once and escaped;
-/// otherwise see [`json_invalid_utf8`].
+/// Appends `bytes` as a JSON string, escaping and checking UTF-8 in one pass: ASCII runs (the
+/// norm) are copied whole, and the rest of the string is validated at its first non-ASCII byte.
+/// Invalid UTF-8: see [`json_invalid_utf8`].
 #[inline]
 fn json_text(out: &mut Vec<u8>, bytes: &[u8], st: &mut Utf8State, site: Site) {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => json_string(out, s),
-        Err(e) => json_invalid_utf8(out, bytes, e.valid_up_to(), st, site),
+    let mark = out.len();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    if escape_into::<true>(out, bytes) {
+        out.push(b'"');
+    } else {
+        out.truncate(mark);
+        let first_invalid = std::str::from_utf8(bytes)
+            .err()
+            .map_or(0, |e| e.valid_up_to());
+        json_invalid_utf8(out, bytes, first_invalid, st, site);
     }
 }
 
@@ -327,6 +336,7 @@ fn json_invalid_utf8(
 
 /// Appends `s` as a JSON string, escaping as fluentd's JSON encoders do.
 fn json_string(out: &mut Vec<u8>, s: &str) {
+    out.reserve(s.len() + 2);
     out.push(b'"');
     json_escape(out, s.as_bytes());
     out.push(b'"');
@@ -334,9 +344,84 @@ fn json_string(out: &mut Vec<u8>, s: &str) {
 
 /// Appends UTF-8 `bytes` escaped for a JSON string, as fluentd's JSON encoders do.
 fn json_escape(out: &mut Vec<u8>, bytes: &[u8]) {
+    escape_into::<false>(out, bytes);
+}
+
+/// What a byte needs in a JSON string: copied (0), escaped (1: `"`, `\`, control characters),
+/// or, for the UTF-8 check, it is not ASCII (2).
+const BYTE_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = if b < 0x20 || b == b'"' as usize || b == b'\\' as usize {
+            1
+        } else if b >= 0x80 {
+            2
+        } else {
+            0
+        };
+        b += 1;
+    }
+    t
+};
+
+const LOW_BITS: u64 = 0x0101_0101_0101_0101;
+const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
+
+/// Whether any of the eight bytes of `w` is a control character, `"` or `\` (or, with
+/// `NON_ASCII`, not ASCII). Exact for the word as a whole: each term's high bit is set in some
+/// byte exactly when some byte has that property.
+#[inline(always)]
+fn word_needs_care<const NON_ASCII: bool>(w: u64) -> bool {
+    let control = w.wrapping_sub(LOW_BITS * 0x20) & !w;
+    let q = w ^ (LOW_BITS * u64::from(b'"'));
+    let quote = q.wrapping_sub(LOW_BITS) & !q;
+    let b = w ^ (LOW_BITS * u64::from(b'\\'));
+    let backslash = b.wrapping_sub(LOW_BITS) & !b;
+    let mut m = control | quote | backslash;
+    if NON_ASCII {
+        m |= w;
+    }
+    m & HIGH_BITS != 0
+}
+
+/// Appends `bytes` escaped for a JSON string, copying runs that need no escape in one piece.
+/// With `CHECK_UTF8`, returns false (having written part of them) when `bytes` are not valid
+/// UTF-8; without, `bytes` must be valid UTF-8 and it returns true.
+#[inline]
+fn escape_into<const CHECK_UTF8: bool>(out: &mut Vec<u8>, bytes: &[u8]) -> bool {
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = bytes.len();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
+    let mut i = 0;
+    loop {
+        while i + 8 <= n {
+            let w = u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+            if word_needs_care::<CHECK_UTF8>(w) {
+                break;
+            }
+            i += 8;
+        }
+        let b = loop {
+            if i == n {
+                out.extend_from_slice(&bytes[start..]);
+                return true;
+            }
+            let b = bytes[i];
+            match BYTE_CLASS[usize::from(b)] {
+                1 => break b,
+                2 if CHECK_UTF8 => break b,
+                _ => i += 1,
+            }
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if CHECK_UTF8 && b >= 0x80 {
+            // Everything before is ASCII: the string is valid exactly when the rest is.
+            if std::str::from_utf8(&bytes[i..]).is_err() {
+                return false;
+            }
+            return escape_into::<false>(out, &bytes[i..]);
+        }
         let esc: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
@@ -345,20 +430,24 @@ fn json_escape(out: &mut Vec<u8>, bytes: &[u8]) {
             b'\t' => b"\\t",
             0x08 => b"\\b",
             0x0c => b"\\f",
-            0..=0x1f => &[],
-            _ => continue,
+            _ => &[],
         };
-        out.extend_from_slice(&bytes[start..i]);
         if esc.is_empty() {
             out.extend_from_slice(b"\\u00");
-            out.push(HEX[(b >> 4) as usize]);
-            out.push(HEX[(b & 0xf) as usize]);
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
         } else {
             out.extend_from_slice(esc);
         }
-        start = i + 1;
+        i += 1;
+        start = i;
     }
-    out.extend_from_slice(&bytes[start..]);
+}
+
+/// Appends an integer in decimal, as `Display` writes it (without the formatting machinery).
+#[inline]
+fn decimal(out: &mut Vec<u8>, v: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 fn json_f64(out: &mut Vec<u8>, v: f64) -> Result<(), FormatError> {
@@ -382,10 +471,10 @@ fn json_value(
         Head::Nil => out.extend_from_slice(b"null"),
         Head::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
         Head::Int(i) => {
-            let _ = write!(out, "{i}");
+            decimal(out, i);
         }
         Head::UInt(u) => {
-            let _ = write!(out, "{u}");
+            decimal(out, u);
         }
         Head::F32(f) => json_f64(out, f64::from(f))?,
         Head::F64(f) => json_f64(out, f)?,
@@ -535,10 +624,10 @@ fn to_s(head: Head, out: &mut Vec<u8>, what: &str) -> Result<Option<()>, FormatE
         Head::Nil => return Ok(None),
         Head::Str(s) | Head::Bin(s) => out.extend_from_slice(s),
         Head::Int(i) => {
-            let _ = write!(out, "{i}");
+            decimal(out, i);
         }
         Head::UInt(u) => {
-            let _ = write!(out, "{u}");
+            decimal(out, u);
         }
         Head::Bool(b) => out.extend_from_slice(if b { b"true" } else { b"false" }),
         _ => {
@@ -825,7 +914,7 @@ fn write_formatted<'a>(
         if let Some((k, v)) = &inject.worker_id {
             if k == key {
                 if json {
-                    let _ = write!(out, "{v}");
+                    decimal(out, *v);
                 } else {
                     pack_int(out, *v)
                 }
@@ -857,7 +946,7 @@ fn write_formatted<'a>(
                             _ => sec,
                         };
                         if json {
-                            let _ = write!(out, "{v}");
+                            decimal(out, v);
                         } else {
                             pack_int(out, v)
                         }
