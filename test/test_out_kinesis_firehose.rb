@@ -103,6 +103,8 @@ class KinesisFirehoseOutputTest < Test::Unit::TestCase
     [false, true].each do |pack|
       name = @firehose.create(@firehose.unique_name)
       @proxy.clear
+      # Packed, the lines make few (full) calls: one certain whole-call failure besides the random ones.
+      @proxy.push(1, "status 500")
       @proxy.sometimes(0.1, "status 500")
       @proxy.sometimes(0.05, "throttle_request")
       @proxy.sometimes(0.05, "reset")
