@@ -151,7 +151,7 @@ impl Delivery {
             };
             let result = match job {
                 Job::Chunk { spec, chunk, tag } => {
-                    deliver_chunk(&target, &spec, &chunk, tag.as_deref(), previously, &d).await
+                    deliver_chunk(&target, &spec, chunk, tag.as_deref(), previously, &d).await
                 }
                 Job::Records {
                     batch,
@@ -216,13 +216,15 @@ struct Target<'a> {
 async fn deliver_chunk(
     target: &Target<'_>,
     spec: &FormatSpec,
-    chunk: &[u8],
+    chunk: Vec<u8>,
     tag: Option<&str>,
     previously: Option<&EventBits>,
     delivery: &Delivery,
 ) -> Result<ChunkOutcome, FormatError> {
     let skip = |i: u32| previously.is_some_and(|p| p.get(i));
-    let formatted = format_chunk(spec, chunk, tag, &skip)?;
+    let formatted = format_chunk(spec, &chunk, tag, &skip)?;
+    // The records are formatted: the chunk's bytes are not needed while they are delivered.
+    drop(chunk);
     let scrubbed = formatted.scrubbed;
     let mut outcome = deliver_records(
         target,

@@ -637,8 +637,11 @@ module Fluent
           created = chunk.created_at.to_f
           if @native_formatter
             begin
-              delivery = @producer.start_chunk(stream, @native_formatter, chunk.read, tag, previously, progress, uid,
-                                               created)
+              data = chunk.read
+              delivery = @producer.start_chunk(stream, @native_formatter, data, tag, previously, progress, uid, created)
+              # A file chunk's read is a fresh copy, copied again by the extension: free it now, not
+              # at the next GC (a memory chunk's read is the chunk itself).
+              data.clear if @buffer.persistent?
               return collect(chunk, chunk_id, tag, delivery)
             rescue FluentPluginKinesisRs::NeedsRubyFormattingError => e
               log.debug { "chunk #{chunk_id} formatted by fluentd: #{e.message}" }
