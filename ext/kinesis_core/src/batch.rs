@@ -286,9 +286,28 @@ pub fn plan(
     match mode {
         KeyMode::PerRecord => plan_per_record(&mut p, indexes),
         KeyMode::Fixed(key) => plan_shared_key(&mut p, indexes, || key.clone()),
-        KeyMode::RandomPerAggregate => plan_shared_key(&mut p, indexes, random_key),
+        KeyMode::RandomPerAggregate => plan_shared_key(&mut p, indexes, balanced_random_keys(map)),
     }
     (p.out, p.refused)
+}
+
+/// Random 32-hex-character keys spread evenly over the map's shards: each is drawn at random
+/// until it hashes into the next shard in turn, from a random first one. A chunk's aggregates
+/// then load every shard alike (a throttled stream is as fast as its busiest shard) instead of
+/// as chance has it; every user record still hashes into the shard its aggregate lands on.
+fn balanced_random_keys(map: &ShardMap) -> impl FnMut() -> String + '_ {
+    let shards = map.len().max(1);
+    let mut turn = rand::thread_rng().gen_range(0..shards);
+    move || {
+        let want = turn;
+        turn = (turn + 1) % shards;
+        // A shard holding a tiny part of the hash range may take many draws: after 64 per
+        // shard on average, any key does.
+        (0..64 * shards)
+            .map(|_| random_key())
+            .find(|k| map.index_of(partition_key_hash(k)) == want)
+            .unwrap_or_else(random_key)
+    }
 }
 
 fn plan_shared_key(p: &mut Planner, indexes: &[u32], mut next_key: impl FnMut() -> String) {
@@ -582,6 +601,53 @@ mod tests {
             &unaggregated,
         );
         assert!(records.iter().all(|r| r.partition_key == "same"));
+    }
+
+    /// Random keys per aggregate take the shards in turn, each key hashing into its shard, also
+    /// when the shards' hash ranges differ in size.
+    #[test]
+    fn random_keys_spread_aggregates_evenly_over_the_shards() {
+        let bounds = [0u128, u128::MAX / 16, u128::MAX / 8, u128::MAX / 2];
+        let shards = (0..4).map(|i| Shard {
+            id: format!("shardId-{i:012}"),
+            start: bounds[i],
+            end: bounds.get(i + 1).map_or(u128::MAX, |b| b - 1),
+        });
+        let map = ShardMap::new(shards.collect()).unwrap();
+        let mut batch = RecordBatch::default();
+        for i in 0..2000 {
+            batch.push(
+                format!("line {i:04} {}", "x".repeat(90)).as_bytes(),
+                None,
+                None,
+            );
+        }
+        let idx: Vec<u32> = (0..2000).collect();
+        let (records, refused) = plan(
+            &batch,
+            &idx,
+            &KeyMode::RandomPerAggregate,
+            &map,
+            &limits(10_000),
+        );
+        assert!(refused.is_empty());
+        assert!(records.len() >= 20, "{}", records.len());
+        let mut per_shard = [0usize; 4];
+        for (n, r) in records.iter().enumerate() {
+            let shard = map.index_of(partition_key_hash(&r.partition_key));
+            assert_eq!(r.shard, shard);
+            assert_eq!(shard, (records[0].shard + n) % 4, "shards in turn");
+            per_shard[shard] += 1;
+        }
+        let (least, most) = (per_shard.iter().min(), per_shard.iter().max());
+        assert!(most.unwrap() - least.unwrap() <= 1, "{per_shard:?}");
+        let keys: std::collections::HashSet<&str> =
+            records.iter().map(|r| r.partition_key.as_str()).collect();
+        assert_eq!(
+            keys.len(),
+            records.len(),
+            "a fresh random key per aggregate"
+        );
     }
 
     /// Firehose: one record each, or packed up to the record limit in order, with nothing lost or

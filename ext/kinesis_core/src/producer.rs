@@ -750,14 +750,9 @@ impl Producer {
         futures::join!(sends, self.wait_settled(stream, &pipe, sink, on_delivered));
     }
 
-    /// Sends one call once one of the `concurrency` slots is free.
+    /// Sends one call of the pipe, each attempt holding one of the `concurrency` call slots.
     async fn send_pooled(&self, stream: &str, entries: Vec<Entry>) {
-        let _slot = self
-            .call_slots
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
-        self.send_request(stream, entries, None).await;
+        self.send_request(stream, entries, &self.call_slots).await;
     }
 
     /// Waits until every record of `sink` handed to calls is settled, passing confirmed records
@@ -917,7 +912,7 @@ impl Producer {
         while let Some(record) = queue.next() {
             let first = record.members[0] as usize;
             let entry = Entry::new(record, map.clone(), sink.clone());
-            self.send_request(stream, vec![entry], Some(calls)).await;
+            self.send_request(stream, vec![entry], calls).await;
             match sink.lock().status[first] {
                 RecordStatus::Delivered => continue,
                 // Neither delivered nor failed: it landed on another shard (in sink.misrouted).
@@ -943,14 +938,21 @@ impl Producer {
 
     /// Sends one batch call and retries its failed entries. The entries may belong to several
     /// deliveries: each entry's outcome goes to its own delivery's sink, and each delivery's
-    /// stop and deadline apply to its own entries. `calls`: a limit on the calls in flight,
-    /// held only while a call is (keep_order; otherwise the caller holds a slot throughout).
-    async fn send_request(&self, stream: &str, records: Vec<Entry>, calls: Option<&Semaphore>) {
+    /// stop and deadline apply to its own entries. `calls`: the limit on calls in flight, held
+    /// only while a call is, not while its entries wait for their shard or a backoff.
+    ///
+    /// With the rate limiter, each attempt carries the entries whose shard can take them now
+    /// (in order; a shard's later entries wait behind its first); the others wait here for
+    /// their shard, without counting as an attempt. Entries Kinesis throttled go again once
+    /// their shard had a short refill (the limiter paces them); other failures back off.
+    async fn send_request(&self, stream: &str, records: Vec<Entry>, calls: &Semaphore) {
         let mut todo: Vec<usize> = (0..records.len()).collect();
-        let mut attempt: u32 = 0;
+        // Per entry: the calls it went in, and when it may go again (after a backoff).
+        let mut tries: Vec<u32> = vec![0; records.len()];
+        let mut ready_at: Vec<Instant> = vec![Instant::now(); records.len()];
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
         // Entries whose delivery was stopped are not sent (again): they fail as cancelled.
-        let drop_stopped = |todo: &mut Vec<usize>, attempts: u32| {
+        let drop_stopped = |todo: &mut Vec<usize>, tries: &[u32]| {
             todo.retain(|&e| {
                 let x = &records[e];
                 if !x.sink.stop.is_cancelled() {
@@ -960,45 +962,63 @@ impl Producer {
                     &x.record.members,
                     &cancelled(),
                     known_shard(&x.map, x.record.shard),
-                    attempts.saturating_sub(1),
+                    tries[e].saturating_sub(1),
                 );
                 false
             });
         };
         loop {
-            if let Some(limiter) = &self.limiter {
-                let wait = limiter.reserve(shard_usage(&records, todo.iter().copied()));
-                if !wait.is_zero() {
-                    let latest = todo
-                        .iter()
-                        .map(|&e| self.deadline_with_drain(records[e].sink.deadline))
-                        .max()
-                        .expect("todo is not empty");
-                    let until = (Instant::now() + wait).min(latest);
+            drop_stopped(&mut todo, &tries);
+            if todo.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            let (send, wake) = self.admit(&records, &todo, &ready_at, now);
+            if send.is_empty() {
+                let (until, for_limiter) = wake;
+                if for_limiter {
                     records[todo[0]].sink.lock().counters.rate_limited_ms +=
-                        wait.as_millis() as u64;
-                    sleep_unless_all_stopped(&records, &mut todo, until, attempt, &drop_stopped)
-                        .await;
+                        until.saturating_duration_since(now).as_millis() as u64;
+                }
+                sleep_unless_all_stopped(&records, &mut todo, until, &tries, &drop_stopped).await;
+                continue;
+            }
+            // Waiting for a call slot may take a while: what was stopped meanwhile stays unsent,
+            // and gives back what it took from its shard.
+            let permit = calls
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
+            let mut send = send;
+            if send.iter().any(|&e| records[e].sink.stop.is_cancelled()) {
+                drop_stopped(&mut todo, &tries);
+                let stopped: Vec<usize> = send
+                    .iter()
+                    .copied()
+                    .filter(|&e| records[e].sink.stop.is_cancelled())
+                    .collect();
+                send.retain(|&e| !records[e].sink.stop.is_cancelled());
+                if let Some(limiter) = &self.limiter {
+                    limiter.refund(shard_usage(&records, stopped.into_iter()));
+                }
+                if send.is_empty() {
+                    continue;
                 }
             }
-            drop_stopped(&mut todo, attempt);
-            let Some(&lead) = todo.first() else { return };
-            let lead = &records[lead].sink;
+            let lead = &records[send[0]].sink;
             lead.lock().counters.requests += 1;
-            if attempt > 0 {
-                for &e in &todo {
+            for &e in &send {
+                if tries[e] > 0 {
                     records[e].sink.lock().counters.retried_entries += 1;
                 }
+                tries[e] += 1;
             }
             let mut failed: Vec<(usize, Failure)> = Vec::new();
             let mut any_success = false;
-            let permit = match calls {
-                Some(c) => Some(c.acquire().await.expect("the semaphore is never closed")),
-                None => None,
-            };
+            let mut whole_call_failed = false;
             let sent_at = Instant::now();
             // Sent requests are never cancelled: their outcome is always read and kept.
-            let response = self.call(stream, &records, &todo).await;
+            let response = self.call(stream, &records, &send).await;
             drop(permit);
             let mut obs = Observations::default();
             let measured = self.metrics.is_some();
@@ -1009,16 +1029,16 @@ impl Producer {
                     Name::KinesisRecordsPerPutRecordsRequest,
                     None,
                     None,
-                    Stats::one(todo.len() as f64),
+                    Stats::one(send.len() as f64),
                 );
-                let users: usize = todo.iter().map(|&e| records[e].record.members.len()).sum();
+                let users: usize = send.iter().map(|&e| records[e].record.members.len()).sum();
                 obs.add(
                     Name::UserRecordsPerPutRecordsRequest,
                     None,
                     None,
                     Stats::one(users as f64),
                 );
-                for &e in &todo {
+                for &e in &send {
                     let x = &records[e];
                     obs.add(
                         Name::UserRecordsPerKinesisRecord,
@@ -1030,7 +1050,7 @@ impl Producer {
             }
             match response {
                 Ok(results) => {
-                    for (pos, &e) in todo.iter().enumerate() {
+                    for (pos, &e) in send.iter().enumerate() {
                         let x = &records[e];
                         let r = &x.record;
                         let Some(res) = results.get(pos) else {
@@ -1088,7 +1108,7 @@ impl Producer {
                                 &mut obs,
                                 &r.members,
                                 Some(landed).filter(|l| !l.is_empty()).or(predicted),
-                                attempt,
+                                tries[e] - 1,
                             );
                             let mut o = x.sink.lock();
                             o.counters.bytes_delivered += r.billed_size() as u64;
@@ -1113,19 +1133,40 @@ impl Producer {
                     }
                     lead.lock().counters.request_errors += 1;
                     if f.kind == FailureKind::Throttled {
-                        for &e in &todo {
+                        for &e in &send {
                             records[e].sink.lock().counters.throttled_entries += 1;
                         }
                     }
-                    failed = todo.iter().map(|&e| (e, f.clone())).collect();
+                    whole_call_failed = true;
+                    failed = send.iter().map(|&e| (e, f.clone())).collect();
                 }
             }
-            if failed.is_empty() {
-                return;
+            // Sent entries leave `todo`; what failed and may be retried comes back below.
+            let mut sent = vec![false; records.len()];
+            for &e in &send {
+                sent[e] = true;
             }
-            // What Kinesis did not accept used none of the shard's capacity.
+            todo.retain(|&e| !sent[e]);
             if let Some(limiter) = &self.limiter {
-                limiter.refund(shard_usage(&records, failed.iter().map(|&(e, _)| e)));
+                // A shard that took entries is not throttling; one that throttled some has
+                // reached its limit; anything else that failed used none of its capacity.
+                let mut throttled = Vec::new();
+                let mut other = Vec::new();
+                for (e, f) in &failed {
+                    sent[*e] = false;
+                    if !whole_call_failed && f.kind == FailureKind::Throttled {
+                        throttled.push(*e);
+                    } else {
+                        other.push(*e);
+                    }
+                }
+                let took = send.iter().copied().filter(|&e| sent[e]);
+                limiter.accepted(shard_usage(&records, took));
+                limiter.throttled(shard_usage(&records, throttled.into_iter()));
+                limiter.refund(shard_usage(&records, other.into_iter()));
+            }
+            if failed.is_empty() {
+                continue;
             }
             // Records that retrying cannot help fail now; the rest wait and go again.
             let (retry, hopeless): (Vec<_>, Vec<_>) = failed
@@ -1137,24 +1178,37 @@ impl Producer {
                     &x.record.members,
                     &f,
                     known_shard(&x.map, x.record.shard),
-                    attempt,
+                    tries[e] - 1,
                 );
             }
             if retry.is_empty() {
-                return;
+                continue;
             }
-            attempt += 1;
             if any_success && self.config.reset_backoff_if_success {
                 backoff.reset();
             }
-            let delay = backoff.next();
-            let retry_at = Instant::now() + delay;
+            // Throttled entries are paced by the limiter (their shard's refill); the rest, and
+            // all without a limiter, back off.
+            let paced = |f: &Failure| {
+                self.limiter.is_some() && !whole_call_failed && f.kind == FailureKind::Throttled
+            };
+            let now = Instant::now();
+            let delay = if retry.iter().any(|(_, f)| !paced(f)) {
+                backoff.next()
+            } else {
+                Duration::ZERO
+            };
             // While fluentd shuts down, the shutdown budget replaces the attempt count and the
             // delivery's own deadline.
             let draining = self.draining();
-            todo.clear();
             for (e, f) in retry {
                 let x = &records[e];
+                let attempt = tries[e];
+                let retry_at = if paced(&f) {
+                    now + crate::rate_limit::THROTTLE_REFILL
+                } else {
+                    now + delay
+                };
                 let give_up = if draining {
                     (retry_at > self.deadline_with_drain(x.sink.deadline)).then(|| {
                         format!("after {attempt} attempts, at the end of the shutdown budget")
@@ -1179,14 +1233,63 @@ impl Producer {
                             attempt - 1,
                         );
                     }
-                    None => todo.push(e),
+                    None => {
+                        if !paced(&f) {
+                            ready_at[e] = retry_at;
+                        }
+                        todo.push(e);
+                    }
                 }
             }
-            if todo.is_empty() {
-                return;
-            }
-            sleep_unless_all_stopped(&records, &mut todo, retry_at, attempt, &drop_stopped).await;
+            todo.sort_unstable();
         }
+    }
+
+    /// The entries of `todo` that go in the next call, in order, and when nothing can go, when
+    /// to look again (and whether that wait is the rate limiter's). An entry goes once its
+    /// backoff is over and, with the limiter, its shard can take it; one whose delivery
+    /// deadline (or the shutdown budget) has come goes regardless of the limiter.
+    fn admit(
+        &self,
+        records: &[Entry],
+        todo: &[usize],
+        ready_at: &[Instant],
+        now: Instant,
+    ) -> (Vec<usize>, (Instant, bool)) {
+        let ready = |e: usize| ready_at[e] <= now;
+        let (admitted, limiter_wait) = match &self.limiter {
+            Some(limiter) => limiter.admit(todo.iter().map(|&e| {
+                let x = &records[e];
+                crate::rate_limit::Offer {
+                    shard: shard_id(&x.map, x.record.shard),
+                    records: 1,
+                    bytes: x.record.billed_size(),
+                    ready: ready(e),
+                }
+            })),
+            None => (todo.iter().map(|&e| ready(e)).collect(), None),
+        };
+        let send: Vec<usize> = todo
+            .iter()
+            .zip(&admitted)
+            .filter(|&(&e, &go)| {
+                go || (ready(e) && now >= self.deadline_with_drain(records[e].sink.deadline))
+            })
+            .map(|(&e, _)| e)
+            .collect();
+        let backoff_over = todo.iter().map(|&e| ready_at[e]).filter(|&t| t > now).min();
+        let deadline = todo
+            .iter()
+            .map(|&e| self.deadline_with_drain(records[e].sink.deadline))
+            .min();
+        let limiter_at = limiter_wait.map(|w| now + w);
+        let wake = [backoff_over, deadline, limiter_at]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now + self.config.backoff_base);
+        let for_limiter = limiter_at.is_some_and(|t| t <= wake);
+        (send, (wake.max(now), for_limiter))
     }
 }
 
@@ -1196,11 +1299,11 @@ async fn sleep_unless_all_stopped(
     records: &[Entry],
     todo: &mut Vec<usize>,
     until: Instant,
-    attempt: u32,
-    drop_stopped: &impl Fn(&mut Vec<usize>, u32),
+    tries: &[u32],
+    drop_stopped: &impl Fn(&mut Vec<usize>, &[u32]),
 ) {
     loop {
-        drop_stopped(todo, attempt);
+        drop_stopped(todo, tries);
         if todo.is_empty() {
             return;
         }
