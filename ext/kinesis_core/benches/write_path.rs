@@ -26,6 +26,7 @@ use kinesis_core::chunk::{
 };
 use kinesis_core::config::KeyMode;
 use kinesis_core::kpl::DEFAULT_MAX_RECORD_BYTES;
+use kinesis_core::msgpack_write::{self, pack_uint};
 use kinesis_core::shard_map::ShardMap;
 
 const HOSTS: [&str; 7] = [
@@ -61,30 +62,7 @@ const AGENTS: [&str; 3] = [
 const START: u32 = 1_795_600_800;
 
 fn pack_str(out: &mut Vec<u8>, s: &str) {
-    let n = s.len();
-    if n < 32 {
-        out.push(0xa0 | n as u8);
-    } else if n < 256 {
-        out.extend_from_slice(&[0xd9, n as u8]);
-    } else {
-        out.push(0xda);
-        out.extend_from_slice(&(n as u16).to_be_bytes());
-    }
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn pack_uint(out: &mut Vec<u8>, v: u64) {
-    if v < 128 {
-        out.push(v as u8);
-    } else if v < 256 {
-        out.extend_from_slice(&[0xcc, v as u8]);
-    } else if v < 65536 {
-        out.push(0xcd);
-        out.extend_from_slice(&(v as u16).to_be_bytes());
-    } else {
-        out.push(0xce);
-        out.extend_from_slice(&(v as u32).to_be_bytes());
-    }
+    msgpack_write::pack_str(out, s.as_bytes());
 }
 
 fn pack_nullable(out: &mut Vec<u8>, s: &str) {

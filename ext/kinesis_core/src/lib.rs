@@ -12,6 +12,7 @@ pub mod hashkey;
 pub mod kpl;
 pub mod metrics;
 pub mod msgpack;
+pub mod msgpack_write;
 pub mod pipe;
 pub mod producer;
 pub mod progress;

@@ -95,6 +95,7 @@ impl<T> Pipe<T> {
     }
 
     /// Items waiting in the open call.
+    #[cfg(test)]
     pub fn waiting(&self) -> usize {
         self.lock().items.len()
     }

@@ -224,6 +224,8 @@ pub struct Producer {
     call_slots: Semaphore,
     /// Wakes deliveries waiting for their partial call to fill: a stop sends it at once.
     drain_started: Notify,
+    /// Wakes deliveries to send their open calls now ([`Producer::send_open_calls`]).
+    open_calls_wanted: Notify,
 }
 
 /// Called with the user records (batch indexes) each PutRecords response confirmed, as soon as
@@ -279,6 +281,7 @@ impl Producer {
             pipes: Mutex::new(HashMap::new()),
             call_slots: Semaphore::new(slots),
             drain_started: Notify::new(),
+            open_calls_wanted: Notify::new(),
         }
     }
 
@@ -288,6 +291,13 @@ impl Producer {
     pub fn begin_drain(&self, budget: Duration) {
         *self.drain_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + budget);
         self.drain_started.notify_waiters();
+    }
+
+    /// Sends the open (partial) calls that deliveries in progress are holding for more records,
+    /// now: no more are coming soon (fluentd hands over no next chunk while as many chunks as
+    /// it allows are being delivered). Later records open a new call.
+    pub fn send_open_calls(&self) {
+        self.open_calls_wanted.notify_waiters();
     }
 
     /// The later of a delivery's own deadline and the end of the shutdown budget.
@@ -750,6 +760,12 @@ impl Producer {
         futures::join!(sends, self.wait_settled(stream, &pipe, sink, on_delivered));
     }
 
+    /// How long a partial call may wait for more records: the `linger` setting, but at most a
+    /// quarter of the delivery deadline, so that the wait never eats the delivery's retries.
+    fn linger(&self) -> Duration {
+        self.config.linger.min(self.config.deadline / 4)
+    }
+
     /// Sends one call of the pipe, each attempt holding one of the `concurrency` call slots.
     async fn send_pooled(&self, stream: &str, entries: Vec<Entry>) {
         self.send_request(stream, entries, &self.call_slots).await;
@@ -782,13 +798,15 @@ impl Producer {
                 }
                 Some((since, generation)) => {
                     let drain = self.drain_started.notified();
+                    let wanted = self.open_calls_wanted.notified();
                     tokio::select! {
                         _ = &mut settled => {}
                         _ = taken.next(), if !taken.is_empty() => {}
-                        _ = tokio::time::sleep_until((since + self.config.linger).into()) => {
+                        _ = tokio::time::sleep_until((since + self.linger()).into()) => {
                             take = Some(generation)
                         }
                         _ = drain => take = Some(generation),
+                        _ = wanted => take = Some(generation),
                         _ = sink.stop.cancelled() => take = Some(generation),
                     }
                 }

@@ -204,6 +204,12 @@ impl RbProducer {
         Ok(RbDelivery { inner: delivery })
     }
 
+    /// Deliveries in progress send the partial calls they hold for more records now.
+    fn send_open_calls(ruby: &Ruby, rb_self: &Self) -> Result<(), Error> {
+        rb_self.producer(ruby)?.send_open_calls();
+        Ok(())
+    }
+
     /// fluentd is shutting down: deliveries retry until `seconds` from now, past their own
     /// retry limit and deadline, so everything buffered gets out.
     fn begin_drain(ruby: &Ruby, rb_self: &Self, seconds: f64) -> Result<(), Error> {
@@ -403,6 +409,10 @@ pub fn init(ruby: &Ruby, native: RModule) -> Result<(), Error> {
         magnus::method!(RbProducer::start_records, 7),
     )?;
     producer.define_method("begin_drain", magnus::method!(RbProducer::begin_drain, 1))?;
+    producer.define_method(
+        "send_open_calls",
+        magnus::method!(RbProducer::send_open_calls, 0),
+    )?;
     producer.define_method(
         "flush_metrics",
         magnus::method!(RbProducer::flush_metrics, 1),

@@ -149,8 +149,9 @@ module Fluent
         config_param :max_concurrent_requests, :integer, default: 8
         desc "Seconds the last, partial batch call of a chunk may wait for the next chunk's records to fill it " \
              "(as the KPL's RecordMaxBufferedTime). Chunks are then acknowledged to fluentd once all their records " \
-             "are delivered (delayed commit), so several are delivered at once. 0: each chunk on its own, written synchronously."
-        config_param :record_max_buffered_time, :time, default: 1
+             "are delivered (delayed commit), so several are delivered at once. It bounds only that last call's wait: " \
+             "a full call goes at once, and a stop sends a waiting call at once. 0: each chunk on its own, written synchronously."
+        config_param :record_max_buffered_time, :time, default: 5
         desc "Chunks being delivered at once with record_max_buffered_time (default: flush_thread_count + 1)."
         config_param :max_chunks_in_flight, :integer, default: nil
         desc "Seconds one chunk's delivery may take, retries included, before fluentd retries it."
@@ -299,7 +300,7 @@ module Fluent
         # delivered or refused, the chunk is acknowledged (commit_write); otherwise it is handed back
         # to fluentd (rollback_write), which retries it with backoff (or gives it to <secondary>),
         # and the retry sends only what was not delivered. At most max_chunks_in_flight at once:
-        # this waits for a free place.
+        # this waits for a free place, and meanwhile has the partial calls sent.
         def try_write(chunk)
           return write_and_commit(chunk) if @stopping
 
@@ -310,7 +311,12 @@ module Fluent
               log.warn "chunk #{chunk_id}: its earlier delivery is still running; it acknowledges or hands back the chunk"
               return
             end
-            @flights_changed.wait(@delivered_lock, 1) while @flights.size >= @max_chunks_in_flight
+            while @flights.size >= @max_chunks_in_flight
+              # No next chunk comes until one of these is done: the partial calls they hold for
+              # more records go now, instead of after record_max_buffered_time.
+              @producer.send_open_calls
+              @flights_changed.wait(@delivered_lock, 1)
+            end
             @flights[chunk_id] = Thread.new { deliver_in_background(chunk, chunk_id) }
           end
         end
