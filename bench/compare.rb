@@ -638,6 +638,8 @@ def call_figures(wire)
   min_units = Bench.min_payload_units(wire["delivered_bytes"].to_i)
   { "calls" => calls, "entries_per_call" => per_call.("entries"), "users_per_call" => per_call.("user_records"),
     "bytes_per_call" => per_call.("bytes"), "full_pct" => calls.positive? ? 100.0 * wire["full_calls"] / calls : nil,
+    # The run's last call takes what is left when the log ends; a steady stream has no last call.
+    "full_pct_but_last" => calls > 1 ? 100.0 * (wire["full_calls"] - wire["last_call_full"].to_i) / (calls - 1) : nil,
     "max_call_bytes" => wire["max_call_bytes"], "units" => wire["delivered_payload_units"], "min_units" => min_units,
     "units_ratio" => min_units.positive? ? wire["delivered_payload_units"].to_f / min_units : nil,
     "failed_entries" => wire["failed_entries"], "http_errors" => wire["http_errors"] }
@@ -655,6 +657,7 @@ def report_calls(ctx, series)
     row.("user records per call (mean)", 1, median_of.("users_per_call")),
     row.("bytes per call (mean)", 0, median_of.("bytes_per_call")),
     row.("calls full, %", 1, median_of.("full_pct")),
+    row.("  the run's last call aside, %", 1, median_of.("full_pct_but_last")),
     row.("largest call bytes", 0, median_of.("max_call_bytes")),
     row.("PUT payload units delivered", 0, median_of.("units")),
     row.("  minimum for the same bytes", 0, median_of.("min_units")),
@@ -673,7 +676,7 @@ def report_calls(ctx, series)
   report_own_counters(series["ours"])
   ctx.summary << "(b) PutRecords calls, median: " + Bench.per_column(kinesis, separator: "; ") { |runs|
     "#{Bench.fmt(median_of.("calls").(runs))} calls, #{Bench.fmt(median_of.("entries_per_call").(runs), 1)} records/call, " \
-      "#{Bench.fmt(median_of.("full_pct").(runs), 1)} % full"
+      "#{Bench.fmt(median_of.("full_pct").(runs), 1)} % full (#{Bench.fmt(median_of.("full_pct_but_last").(runs), 1)} % but the last)"
   }
   ctx.summary << "(c) PUT payload units / minimum, median: " + Bench.per_column(kinesis, 3, &median_of.("units_ratio"))
   ctx.summary << "    every line read back once (fluentd part): " +

@@ -61,7 +61,7 @@ class CountingProxy
 
   def new_stream_stats
     { "calls" => 0, "entries" => 0, "bytes" => 0, "payload_units" => 0, "user_records" => 0,
-      "user_records_ok" => 0, "failed_entries" => 0, "http_errors" => 0, "full_calls" => 0,
+      "user_records_ok" => 0, "failed_entries" => 0, "http_errors" => 0, "full_calls" => 0, "last_call_full" => 0,
       "delivered_entries" => 0, "delivered_bytes" => 0, "delivered_payload_units" => 0,
       "max_call_bytes" => 0, "upstream_seconds" => 0.0, "first_call_at" => nil, "last_ok_at" => nil }
   end
@@ -201,7 +201,9 @@ class CountingProxy
       s["bytes"] += call_bytes
       s["payload_units"] += entries.sum { |bytes, _| (bytes + PAYLOAD_UNIT - 1) / PAYLOAD_UNIT }
       s["user_records"] += entries.sum(&:last)
-      s["full_calls"] += 1 if entries.size >= MAX_CALL_ENTRIES || call_bytes >= MAX_CALL_BYTES - MAX_RECORD_BYTES
+      full = entries.size >= MAX_CALL_ENTRIES || call_bytes >= MAX_CALL_BYTES - MAX_RECORD_BYTES
+      s["full_calls"] += 1 if full
+      s["last_call_full"] = full ? 1 : 0
       s["max_call_bytes"] = call_bytes if call_bytes > s["max_call_bytes"]
       s["first_call_at"] ||= now
       unless ok
