@@ -77,15 +77,13 @@ impl<T> Pipe<T> {
         full
     }
 
-    /// When the open call got its first item, and its generation, if it holds an item `mine`
-    /// says is the caller's.
-    pub fn holds(&self, mine: impl Fn(&T) -> bool) -> Option<(Instant, u64)> {
+    /// When the open call got its first item, its generation, and how many of its items `mine`
+    /// says are the caller's, if any is.
+    pub fn holds(&self, mine: impl Fn(&T) -> bool) -> Option<(Instant, u64, usize)> {
         let open = self.lock();
         let since = open.since?;
-        open.items
-            .iter()
-            .any(mine)
-            .then_some((since, open.generation))
+        let n = open.items.iter().filter(|i| mine(i)).count();
+        (n > 0).then_some((since, open.generation, n))
     }
 
     /// Takes the open call if it is still `generation` and not empty.
@@ -137,7 +135,8 @@ mod tests {
         let full = pipe.push(a, |i| i.1, LIMITS, false);
         assert_eq!(sizes(&full), vec![vec![10; 4]]);
         assert_eq!(pipe.waiting(), 2);
-        let (_, generation) = pipe.holds(|i| i.0 == 'a').expect("a waits");
+        let (_, generation, mine) = pipe.holds(|i| i.0 == 'a').expect("a waits");
+        assert_eq!(mine, 2);
         assert!(pipe.holds(|i| i.0 == 'b').is_none());
         // The next delivery's records fill the call that a's tail opened.
         let full = pipe.push(vec![('b', 10); 3], |i| i.1, LIMITS, false);
@@ -146,7 +145,8 @@ mod tests {
         assert_eq!(pipe.waiting(), 1);
         // a's waiter comes too late: the call it waited on was sent.
         assert!(pipe.take(generation).is_none());
-        let (_, generation) = pipe.holds(|i| i.0 == 'b').unwrap();
+        let (_, generation, mine) = pipe.holds(|i| i.0 == 'b').unwrap();
+        assert_eq!(mine, 1);
         assert_eq!(pipe.take(generation).unwrap(), vec![('b', 10)]);
         assert_eq!(pipe.waiting(), 0);
     }

@@ -2,9 +2,9 @@
 //! buckets for records and bytes, refilled at a percentage of the shard's write limits.
 //!
 //! Entries are admitted to a batch call one by one, in order: an entry goes when its shard's
-//! buckets hold what it needs, and otherwise waits in the producer (its shard's later entries
-//! wait behind it), so a call carries what its shards can take now and no call waits for its
-//! busiest shard. A shard that Kinesis throttles anyway has reached its real limit (other
+//! buckets hold what it needs now or within a short look-ahead (the call then waits for it), and
+//! otherwise waits in the producer (its shard's later entries wait behind it), so a call
+//! carries what its shards can take and no call waits long for its busiest shard. A shard that Kinesis throttles anyway has reached its real limit (other
 //! writers share it, or the percentage is above 100): from then on its buckets refill at 100 %
 //! at most, and the throttled entry's retry waits for a short refill, not for a growing backoff.
 
@@ -41,6 +41,9 @@ struct Bucket {
     scale: f64,
     /// Throttles since the shard last took an entry.
     throttles: u32,
+    /// Kinesis throttled the shard at some point: it is a bottleneck, and a call does not wait
+    /// for it ([`ShardRateLimiter::admit`]'s look-ahead).
+    throttled: bool,
 }
 
 impl Bucket {
@@ -89,6 +92,18 @@ pub struct Offer<'a> {
     pub ready: bool,
 }
 
+/// What [`ShardRateLimiter::admit`] decided.
+#[derive(Debug, PartialEq)]
+pub struct Admission {
+    /// Per offer, whether it goes in the call.
+    pub admitted: Vec<bool>,
+    /// How long the call waits before it goes, for the admitted entries' shards to refill.
+    pub go_after: Duration,
+    /// When some ready entry was not admitted, how long until the first such entry's shard
+    /// holds what it needs.
+    pub next: Option<Duration>,
+}
+
 /// Token buckets per shard id.
 pub struct ShardRateLimiter {
     scale: f64,
@@ -123,6 +138,7 @@ impl ShardRateLimiter {
                 at: now,
                 scale,
                 throttles: 0,
+                throttled: false,
             };
             buckets.insert(shard.to_string(), b);
         }
@@ -131,43 +147,48 @@ impl ShardRateLimiter {
         f(b)
     }
 
-    /// Admits, in order, the offered entries whose shard can take them now, taking what they
-    /// use from its buckets. Returns which were admitted, and when some ready entry was not, how
-    /// long until the first such entry's shard holds what it needs.
+    /// Admits, in order, the offered entries whose shard can take them now or, unless Kinesis
+    /// throttled it before, within `ahead`, taking what they use from its buckets: the call
+    /// carrying them goes once the last of them may. A short wait keeps a call whole; a longer
+    /// one, or any for a shard at its real limit, would hold up the call's other shards.
     pub fn admit<'a>(
         &self,
         offers: impl IntoIterator<Item = Offer<'a>>,
-    ) -> (Vec<bool>, Option<Duration>) {
+        ahead: Duration,
+    ) -> Admission {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let mut waiting: Vec<&str> = Vec::new();
-        let mut admitted = Vec::new();
-        let mut wait: Option<Duration> = None;
+        let mut out = Admission {
+            admitted: Vec::new(),
+            go_after: Duration::ZERO,
+            next: None,
+        };
         for o in offers {
             if waiting.contains(&o.shard) {
-                admitted.push(false);
+                out.admitted.push(false);
                 continue;
             }
             let go = Self::bucket(&mut buckets, self.scale, o.shard, now, |b| {
-                let need = b.needs(o.records, o.bytes);
                 if !o.ready {
                     return false;
                 }
-                if b.records >= need.0 && b.bytes >= need.1 {
+                let t = b.time_to(b.needs(o.records, o.bytes));
+                if t.is_zero() || (t <= ahead && !b.throttled) {
                     b.records -= o.records as f64;
                     b.bytes -= o.bytes as f64;
+                    out.go_after = out.go_after.max(t);
                     return true;
                 }
-                let t = b.time_to(need);
-                wait = Some(wait.map_or(t, |w| w.min(t)));
+                out.next = Some(out.next.map_or(t, |w| w.min(t)));
                 false
             });
             if !go {
                 waiting.push(o.shard);
             }
-            admitted.push(go);
+            out.admitted.push(go);
         }
-        (admitted, wait)
+        out
     }
 
     /// Gives back what entries Kinesis did not accept for a reason other than the shard's limit
@@ -210,6 +231,7 @@ impl ShardRateLimiter {
             let first = !seen.contains(&shard);
             seen.push(shard);
             self.with_bucket(shard, now, |b| {
+                b.throttled = true;
                 if first {
                     b.scale = if b.scale > 1.0 {
                         1.0
@@ -249,6 +271,16 @@ mod tests {
         }
     }
 
+    /// Admits with nothing ahead: (admitted, wait for the first not admitted).
+    fn adm<'a, const N: usize>(
+        l: &ShardRateLimiter,
+        offers: [Offer<'a>; N],
+    ) -> (Vec<bool>, Option<Duration>) {
+        let a = l.admit(offers, Duration::ZERO);
+        assert_eq!(a.go_after, Duration::ZERO);
+        (a.admitted, a.next)
+    }
+
     fn near(d: Option<Duration>, ms: u64) -> bool {
         d.is_some_and(|d| {
             d >= Duration::from_millis(ms.saturating_sub(15)) && d <= Duration::from_millis(ms + 15)
@@ -258,9 +290,9 @@ mod tests {
     #[test]
     fn a_second_of_tokens_then_waits() {
         let l = ShardRateLimiter::new(100).unwrap();
-        let (go, wait) = l.admit([offer("s1", 1000, 1024 * 1024)]);
+        let (go, wait) = adm(&l, [offer("s1", 1000, 1024 * 1024)]);
         assert_eq!((go, wait), (vec![true], None));
-        let (go, wait) = l.admit([offer("s1", 1, 512 * 1024), offer("s2", 500, 100)]);
+        let (go, wait) = adm(&l, [offer("s1", 1, 512 * 1024), offer("s2", 500, 100)]);
         // The second shard is independent of the first.
         assert_eq!(go, vec![false, true]);
         assert!(near(wait, 500), "{wait:?}");
@@ -268,32 +300,60 @@ mod tests {
     }
 
     #[test]
+    fn entries_their_shard_takes_soon_go_in_the_call_which_waits_for_them() {
+        let l = ShardRateLimiter::new(150).unwrap();
+        let big = 1024 * 1024;
+        let a = l.admit(
+            [
+                offer("s", 1, big),
+                offer("s", 1, big),
+                offer("s", 1, big),
+                offer("t", 1, big),
+            ],
+            Duration::from_millis(500),
+        );
+        // s: 1.5 MiB at 1.5 MiB/s; its second 1 MiB comes a third of a second later, its
+        // third another 2/3 s later, past the 0.5 s ahead.
+        assert_eq!(a.admitted, vec![true, true, false, true]);
+        assert!(near(Some(a.go_after), 333), "{a:?}");
+        assert!(near(a.next, 1000), "{a:?}");
+        // A shard Kinesis throttled is a bottleneck: no call waits for it.
+        l.throttled([("t", 1, big)]);
+        let a = l.admit([offer("t", 1, big)], Duration::from_secs(5));
+        assert_eq!(a.admitted, vec![false]);
+        assert_eq!(a.go_after, Duration::ZERO);
+    }
+
+    #[test]
     fn a_shard_s_later_entries_wait_behind_its_first() {
         let l = ShardRateLimiter::new(100).unwrap();
-        let (go, _) = l.admit([
-            offer("a", 1, 700 * 1024),
-            offer("a", 1, 700 * 1024),
-            offer("b", 1, 700 * 1024),
-            // Would fit in a's bucket, but a's earlier entry waits.
-            offer("a", 1, 100),
-            offer("b", 1, 100),
-        ]);
+        let (go, _) = adm(
+            &l,
+            [
+                offer("a", 1, 700 * 1024),
+                offer("a", 1, 700 * 1024),
+                offer("b", 1, 700 * 1024),
+                // Would fit in a's bucket, but a's earlier entry waits.
+                offer("a", 1, 100),
+                offer("b", 1, 100),
+            ],
+        );
         assert_eq!(go, vec![true, false, true, false, true]);
         // An entry not ready (its retry's backoff) holds its shard's later entries too.
         let l = ShardRateLimiter::new(100).unwrap();
         let mut waits = offer("a", 1, 10);
         waits.ready = false;
-        let (go, wait) = l.admit([waits, offer("a", 1, 10), offer("b", 1, 10)]);
+        let (go, wait) = adm(&l, [waits, offer("a", 1, 10), offer("b", 1, 10)]);
         assert_eq!((go, wait), (vec![false, false, true], None));
     }
 
     #[test]
     fn an_entry_over_a_second_s_worth_goes_on_a_full_bucket_into_debt() {
         let l = ShardRateLimiter::new(50).unwrap();
-        let (go, _) = l.admit([offer("s", 1, 1024 * 1024)]);
+        let (go, _) = adm(&l, [offer("s", 1, 1024 * 1024)]);
         assert_eq!(go, vec![true]);
         // 512 KiB of debt at 512 KiB/s, then 512 KiB to refill.
-        let (go, wait) = l.admit([offer("s", 1, 1024 * 1024)]);
+        let (go, wait) = adm(&l, [offer("s", 1, 1024 * 1024)]);
         assert_eq!(go, vec![false]);
         assert!(near(wait, 2000), "{wait:?}");
     }
@@ -301,15 +361,15 @@ mod tests {
     #[test]
     fn refunds_what_was_not_accepted() {
         let l = ShardRateLimiter::new(100).unwrap();
-        assert_eq!(l.admit([offer("s", 1, 1024 * 1024)]).0, vec![true]);
+        assert_eq!(adm(&l, [offer("s", 1, 1024 * 1024)]).0, vec![true]);
         // Failed for another reason than the shard's limit: the retry may go at once.
         l.refund([("s", 1, 1024 * 1024)]);
-        assert_eq!(l.admit([offer("s", 1, 1024 * 1024)]).0, vec![true]);
+        assert_eq!(adm(&l, [offer("s", 1, 1024 * 1024)]).0, vec![true]);
         // Never above a full bucket.
         l.refund([("s", 1, 1024 * 1024)]);
         l.refund([("s", 1, 1024 * 1024)]);
-        assert_eq!(l.admit([offer("s", 1, 1024 * 1024)]).0, vec![true]);
-        let (go, wait) = l.admit([offer("s", 1, 1024 * 1024)]);
+        assert_eq!(adm(&l, [offer("s", 1, 1024 * 1024)]).0, vec![true]);
+        let (go, wait) = adm(&l, [offer("s", 1, 1024 * 1024)]);
         assert_eq!(go, vec![false]);
         assert!(near(wait, 1000), "{wait:?}");
     }
@@ -319,25 +379,25 @@ mod tests {
         let l = ShardRateLimiter::new(150).unwrap();
         let big = 1024 * 1024;
         assert_eq!(
-            l.admit([offer("s", 1, big), offer("t", 1, big)]).0,
+            adm(&l, [offer("s", 1, big), offer("t", 1, big)]).0,
             vec![true, true]
         );
         // At 150 % a second 1 MiB entry would go after a third of a second...
-        let (_, wait) = l.admit([offer("t", 1, big)]);
+        let (_, wait) = adm(&l, [offer("t", 1, big)]);
         assert!(near(wait, 333), "{wait:?}");
         // ...but Kinesis throttled s's entry: it goes again after the short refill, and s's
         // buckets now refill at 100 %.
         l.throttled([("s", 1, big)]);
-        let (go, wait) = l.admit([offer("s", 1, big)]);
+        let (go, wait) = adm(&l, [offer("s", 1, big)]);
         assert_eq!(go, vec![false]);
         assert!(near(wait, THROTTLE_REFILL.as_millis() as u64), "{wait:?}");
         std::thread::sleep(THROTTLE_REFILL + Duration::from_millis(5));
-        assert_eq!(l.admit([offer("s", 1, big)]).0, vec![true]);
-        let (_, wait) = l.admit([offer("s", 1, big)]);
+        assert_eq!(adm(&l, [offer("s", 1, big)]).0, vec![true]);
+        let (_, wait) = adm(&l, [offer("s", 1, big)]);
         assert!(near(wait, 1000), "{wait:?}");
         // A throttle of a small entry (the records limit) waits the same short refill.
         l.throttled([("u", 1, 10)]);
-        let (go, wait) = l.admit([offer("u", 1, 10)]);
+        let (go, wait) = adm(&l, [offer("u", 1, 10)]);
         assert_eq!(go, vec![false]);
         assert!(near(wait, THROTTLE_REFILL.as_millis() as u64), "{wait:?}");
     }
@@ -345,7 +405,7 @@ mod tests {
     #[test]
     fn a_shard_throttling_again_before_taking_an_entry_pauses_longer() {
         let l = ShardRateLimiter::new(100).unwrap();
-        let pause = |l: &ShardRateLimiter| l.admit([offer("s", 1, 10)]).1;
+        let pause = |l: &ShardRateLimiter| adm(l, [offer("s", 1, 10)]).1;
         l.throttled([("s", 1, 10), ("s", 1, 10)]);
         // Several entries throttled in one answer count once.
         assert!(near(pause(&l), 100), "{:?}", pause(&l));
@@ -394,8 +454,8 @@ mod tests {
     #[test]
     fn percent_scales_the_rate() {
         let l = ShardRateLimiter::new(50).unwrap();
-        assert_eq!(l.admit([offer("s", 500, 0)]).0, vec![true]);
-        let (go, wait) = l.admit([offer("s", 500, 0)]);
+        assert_eq!(adm(&l, [offer("s", 500, 0)]).0, vec![true]);
+        let (go, wait) = adm(&l, [offer("s", 500, 0)]);
         assert_eq!(go, vec![false]);
         assert!(near(wait, 1000), "{wait:?}");
     }

@@ -151,7 +151,7 @@ module Fluent
              "(as the KPL's RecordMaxBufferedTime). Chunks are then acknowledged to fluentd once all their records " \
              "are delivered (delayed commit), so several are delivered at once. It bounds only that last call's wait: " \
              "a full call goes at once, and a stop sends a waiting call at once. 0: each chunk on its own, written synchronously."
-        config_param :record_max_buffered_time, :time, default: 5
+        config_param :record_max_buffered_time, :time, default: 1
         desc "Chunks being delivered at once with record_max_buffered_time (default: flush_thread_count + 1)."
         config_param :max_chunks_in_flight, :integer, default: nil
         desc "Seconds one chunk's delivery may take, retries included, before fluentd retries it."
@@ -312,8 +312,8 @@ module Fluent
               return
             end
             while @flights.size >= @max_chunks_in_flight
-              # No next chunk comes until one of these is done: the partial calls they hold for
-              # more records go now, instead of after record_max_buffered_time.
+              # No next chunk comes until one of these is done: those waiting on nothing but the
+              # partial call they hold for more records send it now, not after record_max_buffered_time.
               @producer.send_open_calls
               @flights_changed.wait(@delivered_lock, 1)
             end
