@@ -1018,15 +1018,15 @@ impl Producer {
                 .acquire()
                 .await
                 .expect("the semaphore is never closed");
-            let mut send = send;
+            // Fail the stopped entries first, then leave out of the call whatever is stopped by
+            // then: one stopped in between stays in `todo` and fails on the next pass.
             if send.iter().any(|&e| records[e].sink.stop.is_cancelled()) {
                 drop_stopped(&mut todo, &tries);
-                let stopped: Vec<usize> = send
-                    .iter()
-                    .copied()
-                    .filter(|&e| records[e].sink.stop.is_cancelled())
-                    .collect();
-                send.retain(|&e| !records[e].sink.stop.is_cancelled());
+            }
+            let (send, stopped): (Vec<usize>, Vec<usize>) = send
+                .into_iter()
+                .partition(|&e| !records[e].sink.stop.is_cancelled());
+            if !stopped.is_empty() {
                 if let Some(limiter) = &self.limiter {
                     limiter.refund(shard_usage(&records, stopped.into_iter()));
                 }
@@ -1309,19 +1309,19 @@ impl Producer {
                 None,
             ),
         };
+        let deadlines: Vec<Instant> = todo
+            .iter()
+            .map(|&e| self.deadline_with_drain(records[e].sink.deadline))
+            .collect();
         let send: Vec<usize> = todo
             .iter()
             .zip(&admitted)
-            .filter(|&(&e, &go)| {
-                go || (ready(e) && now >= self.deadline_with_drain(records[e].sink.deadline))
-            })
-            .map(|(&e, _)| e)
+            .zip(&deadlines)
+            .filter(|&((&e, &go), &deadline)| go || (ready(e) && now >= deadline))
+            .map(|((&e, _), _)| e)
             .collect();
         let backoff_over = todo.iter().map(|&e| ready_at[e]).filter(|&t| t > now).min();
-        let deadline = todo
-            .iter()
-            .map(|&e| self.deadline_with_drain(records[e].sink.deadline))
-            .min();
+        let deadline = deadlines.iter().copied().min();
         let limiter_at = limiter_wait.map(|w| now + w);
         let wake = [backoff_over, deadline, limiter_at]
             .into_iter()

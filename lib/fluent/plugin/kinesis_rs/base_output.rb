@@ -300,7 +300,8 @@ module Fluent
         # delivered or refused, the chunk is acknowledged (commit_write); otherwise it is handed back
         # to fluentd (rollback_write), which retries it with backoff (or gives it to <secondary>),
         # and the retry sends only what was not delivered. At most max_chunks_in_flight at once:
-        # this waits for a free place, and meanwhile has the partial calls sent.
+        # this waits for a free place, and meanwhile has chunks in flight that wait on nothing but
+        # their partial call send it.
         def try_write(chunk)
           return write_and_commit(chunk) if @stopping
 
