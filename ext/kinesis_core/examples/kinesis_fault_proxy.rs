@@ -52,6 +52,8 @@
 #[allow(dead_code)]
 #[path = "../tests/support/fault_proxy.rs"]
 mod fault_proxy;
+#[path = "../tests/support/sigv4.rs"]
+mod sigv4;
 
 use std::io::{BufRead, Write};
 use std::time::Duration;

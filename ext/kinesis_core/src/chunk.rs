@@ -336,7 +336,7 @@ fn json_invalid_utf8(
 }
 
 /// Appends `s` as a JSON string, escaping as fluentd's JSON encoders do.
-fn json_string(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn json_string(out: &mut Vec<u8>, s: &str) {
     out.reserve(s.len() + 2);
     out.push(b'"');
     json_escape(out, s.as_bytes());
@@ -836,7 +836,8 @@ fn write_formatted<'a>(
     let inject = &spec.inject;
     // Injected values replace existing keys in place (Ruby Hash#[]= keeps the position) and
     // are otherwise appended in fluentd's order.
-    let injected = |key: &[u8]| inject.keys().any(|k| k.as_bytes() == key);
+    let no_inject = inject.is_empty();
+    let injected = |key: &[u8]| !no_inject && inject.keys().any(|k| k.as_bytes() == key);
     let write_injected = |key: &str, out: &mut Vec<u8>, json: bool| -> Result<(), FormatError> {
         if let Some((k, v)) = &inject.hostname {
             if k == key {

@@ -18,6 +18,8 @@ pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
 pub const DIGEST_LEN: usize = 16;
 /// Magic plus trailer: what an aggregate adds around its protobuf body.
 pub const FRAME_OVERHEAD: usize = MAGIC.len() + DIGEST_LEN;
+/// Unused room a finished aggregate may keep; beyond it, the buffer is shrunk to fit.
+const UNUSED_KEPT: usize = 64 * 1024;
 /// The Kinesis record limit (data plus partition key) of a stream that did not raise it.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// The largest record limit a stream can be raised to (UpdateMaxRecordSize).
@@ -281,6 +283,11 @@ impl AggregateBuilder {
             // case) they never change again.
             self.front =
                 MAGIC.len() + self.partition_keys.encoded_len() + self.hash_keys.encoded_len();
+            // Room for the whole aggregate at once: growing by doubling would copy a 1 MiB
+            // aggregate's bytes once more and fault in each new buffer. Pages never written
+            // cost no memory, and `finish` gives back what a small aggregate left unused.
+            self.records
+                .reserve(self.max_bytes.min(MAX_RECORD_BYTES_LIMIT) + DIGEST_LEN);
             self.records.resize(self.front, 0);
         }
         let out = &mut self.records;
@@ -334,6 +341,9 @@ impl AggregateBuilder {
         out[MAGIC.len() + pk.len()..head].copy_from_slice(hk);
         let digest = md5(&out[MAGIC.len()..]);
         out.extend_from_slice(&digest);
+        if out.capacity() - out.len() > UNUSED_KEPT {
+            out.shrink_to_fit();
+        }
         debug_assert_eq!(out.len(), FRAME_OVERHEAD + proto_len);
         self.clear();
         out

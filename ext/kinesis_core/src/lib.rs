@@ -18,5 +18,6 @@ pub mod producer;
 pub mod progress;
 pub mod proto;
 pub mod rate_limit;
+pub mod request_body;
 pub mod runtime;
 pub mod shard_map;

@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardFilter, ShardFilterType};
+use aws_sdk_kinesis::types::{ShardFilter, ShardFilterType};
+use aws_smithy_runtime_api::client::orchestrator::HttpRequest;
+use aws_smithy_types::body::SdkBody;
+use bytes::Bytes;
 use futures::StreamExt;
 use rand::Rng;
 use tokio::sync::{Notify, Semaphore};
@@ -26,6 +28,7 @@ use crate::hashkey::partition_key_hash;
 use crate::metrics::{Metrics, Name, Observations, Stats};
 use crate::pipe::{CallLimits, Pipe};
 use crate::rate_limit::ShardRateLimiter;
+use crate::request_body;
 use crate::shard_map::{Shard, ShardMap};
 
 /// What became of one user record.
@@ -552,6 +555,14 @@ impl Producer {
         }
         outcome.counters.user_records = indexes.len() as u64;
         let metrics = self.metrics.clone();
+        let sizes = metrics
+            .as_ref()
+            .filter(|m| m.wants(Name::UserRecordsDataPut))
+            .map(|_| {
+                (0..batch.len())
+                    .map(|i| batch.data(i).len() as u32)
+                    .collect()
+            });
         if let Some(m) = &metrics {
             let mut obs = Observations::default();
             obs.add(
@@ -567,7 +578,7 @@ impl Producer {
             outcome: Mutex::new(outcome),
             metrics,
             stream: stream.to_string(),
-            batch,
+            sizes,
             arrived,
             deadline: Instant::now() + self.config.deadline,
             stop: CancelToken::new(),
@@ -584,7 +595,7 @@ impl Producer {
             std::future::pending::<()>().await
         };
         tokio::select! {
-            _ = self.deliver(stream, &sink, indexes, on_delivered) => {}
+            _ = self.deliver(stream, &sink, batch, indexes, on_delivered) => {}
             _ = forward_stop => {}
         }
         sink.pass_confirmed(on_delivered);
@@ -611,18 +622,21 @@ impl Producer {
         outcome.finish()
     }
 
+    /// Plans the `indexes` of `batch` and sends them. The batch is let go as soon as no record
+    /// can need planning again (none can land on another shard than predicted and be dropped
+    /// there): the planned records carry their own copy of the data while in flight.
     async fn deliver(
         &self,
         stream: &str,
         sink: &Arc<Sink>,
+        batch: Arc<RecordBatch>,
         indexes: &[u32],
         on_delivered: OnDelivered<'_>,
     ) {
-        let batch = &*sink.batch;
         let aggregate = match self.config.destination {
             Destination::Firehose { pack } => {
                 return self
-                    .deliver_firehose(stream, indexes, pack, sink, on_delivered)
+                    .deliver_firehose(stream, batch, indexes, pack, sink, on_delivered)
                     .await
             }
             Destination::Streams { aggregate } => aggregate,
@@ -638,9 +652,24 @@ impl Producer {
             Ok(m) => m,
             Err(f) => return sink.fail(&pending, &f, None, 0),
         };
+        let mut batch = Some(batch);
         for round in 0.. {
-            let (records, refused) = plan(batch, &pending, &self.config.key_mode, &map.0, &limits);
+            let planned_from = batch
+                .as_deref()
+                .expect("kept while records may be planned again");
+            let (records, refused) = plan(
+                planned_from,
+                &pending,
+                &self.config.key_mode,
+                &map.0,
+                &limits,
+            );
             sink.planned(&records, refused);
+            if records.iter().all(|r| r.lands_safely_anywhere) {
+                // Nothing can come back misrouted (and keep_order holds records back only
+                // after a misroute): the formatted records are not needed any more.
+                batch = None;
+            }
             // Records of shards whose queue a misroute stopped (keep_order): never sent, planned
             // again with the new map.
             let held = if self.config.keep_order {
@@ -671,6 +700,9 @@ impl Producer {
                     .as_ref()
                     .ok()
                     .and_then(|m| m.0.by_id(landed).cloned());
+                let batch = batch
+                    .as_deref()
+                    .expect("kept while records may land on another shard");
                 if shard.is_some_and(|s| all_within(batch, &record.members, &s)) {
                     confirmed.extend_from_slice(&record.members);
                     sink.observe_delivered(&mut obs, &record.members, Some(landed), 0);
@@ -709,17 +741,16 @@ impl Producer {
     async fn deliver_firehose(
         &self,
         stream: &str,
+        batch: Arc<RecordBatch>,
         indexes: &[u32],
         pack_records: bool,
         sink: &Arc<Sink>,
         on_delivered: OnDelivered<'_>,
     ) {
-        let (records, refused) = plan_firehose(
-            &sink.batch,
-            indexes,
-            pack_records,
-            self.config.max_record_bytes,
-        );
+        let (records, refused) =
+            plan_firehose(&batch, indexes, pack_records, self.config.max_record_bytes);
+        // Planned once: the records carry their data from here.
+        drop(batch);
         sink.planned(&records, refused);
         let map = Arc::new(ShardMap::whole(UNKNOWN_SHARD));
         // Firehose records land anywhere: nothing comes back misrouted.
@@ -838,60 +869,38 @@ impl Producer {
         todo: &[usize],
     ) -> Result<Vec<EntryAnswer>, Failure> {
         if let Some(firehose) = &self.firehose {
-            let entries = todo
-                .iter()
-                .map(|&e| {
-                    aws_sdk_firehose::types::Record::builder()
-                        .data(Blob::new(records[e].record.data.clone()))
-                        .build()
-                        .expect("data is set")
-                })
-                .collect();
+            let body = request_body::put_record_batch(
+                stream,
+                todo.iter().map(|&e| records[e].record.data.as_slice()),
+            );
+            // The records travel in `body`, written by us; the SDK serializes an empty list.
             let resp = firehose
                 .put_record_batch()
                 .delivery_stream_name(stream)
-                .set_records(Some(entries))
+                .set_records(Some(Vec::new()))
+                .customize()
+                .mutate_request(with_body(body))
                 .send()
                 .await
                 .map_err(|e| classify_sdk_error_for(Service::Firehose, &e))?;
-            return Ok(resp
-                .request_responses()
-                .iter()
-                .map(|r| entry_answer(Service::Firehose, r.error_code(), r.error_message(), None))
-                .collect());
+            return answers(Service::Firehose, resp.request_responses(), |r| {
+                (r.error_code(), r.error_message(), None)
+            });
         }
-        let entries: Vec<PutRecordsRequestEntry> = todo
-            .iter()
-            .map(|&e| {
-                let r = &records[e].record;
-                PutRecordsRequestEntry::builder()
-                    .data(Blob::new(r.data.clone()))
-                    .partition_key(&r.partition_key)
-                    .set_explicit_hash_key(r.explicit_hash_key.map(|h| h.to_string()))
-                    .build()
-                    .expect("data and partition key are set")
-            })
-            .collect();
+        let body = request_body::put_records(stream, todo.iter().map(|&e| &records[e].record));
         let resp = self
             .client
             .put_records()
             .stream_name(stream)
-            .set_records(Some(entries))
+            .set_records(Some(Vec::new()))
+            .customize()
+            .mutate_request(with_body(body))
             .send()
             .await
             .map_err(|e| classify_sdk_error(&e))?;
-        Ok(resp
-            .records()
-            .iter()
-            .map(|r| {
-                entry_answer(
-                    Service::Kinesis,
-                    r.error_code(),
-                    r.error_message(),
-                    r.shard_id(),
-                )
-            })
-            .collect())
+        answers(Service::Kinesis, resp.records(), |r| {
+            (r.error_code(), r.error_message(), r.shard_id())
+        })
     }
 
     /// keep_order: each shard's Kinesis records one at a time, in plan order, each retried until
@@ -1399,7 +1408,9 @@ struct Sink {
     outcome: Mutex<BatchOutcome>,
     metrics: Option<Arc<Metrics>>,
     stream: String,
-    batch: Arc<RecordBatch>,
+    /// Each user record's size, kept only for the UserRecordsDataPut metric: the batch itself
+    /// is let go once planned, unless its records may be planned again.
+    sizes: Option<Vec<u32>>,
     /// When the records arrived in fluentd's buffer.
     arrived: SystemTime,
     /// When the delivery gives up retrying (unless fluentd is shutting down).
@@ -1497,13 +1508,13 @@ impl Sink {
         shard: Option<&'o str>,
         retries: u32,
     ) {
-        let Some(m) = &self.metrics else { return };
+        if self.metrics.is_none() {
+            return;
+        }
         let n = members.len();
         obs.add(Name::UserRecordsPut, None, shard, Stats::repeated(1.0, n));
-        if m.wants(Name::UserRecordsDataPut) {
-            let sizes = members
-                .iter()
-                .map(|&i| self.batch.data(i as usize).len() as f64);
+        if let Some(sizes) = &self.sizes {
+            let sizes = members.iter().map(|&i| f64::from(sizes[i as usize]));
             if let Some(s) = Stats::of(sizes) {
                 obs.add(Name::UserRecordsDataPut, None, shard, s);
             }
@@ -1530,6 +1541,32 @@ impl Sink {
             m.record(&self.stream, obs);
         }
     }
+}
+
+/// The request's body becomes `body` (written by [`request_body`]) before it is signed: the
+/// SDK serialized the call without its records.
+fn with_body(body: Bytes) -> impl Fn(&mut HttpRequest) + Send + Sync + 'static {
+    move |req| {
+        req.headers_mut()
+            .insert("Content-Length", body.len().to_string());
+        *req.body_mut() = SdkBody::from(body.clone());
+    }
+}
+
+/// A batch call's answers, one per entry in order: `fields` gives an entry's error code,
+/// message and (Kinesis) shard.
+fn answers<T>(
+    service: Service,
+    entries: &[T],
+    fields: impl Fn(&T) -> (Option<&str>, Option<&str>, Option<&str>),
+) -> Result<Vec<EntryAnswer>, Failure> {
+    Ok(entries
+        .iter()
+        .map(|r| {
+            let (code, message, shard) = fields(r);
+            entry_answer(service, code, message, shard)
+        })
+        .collect())
 }
 
 /// One entry of a batch call's answer: failed with `code`, else delivered (to `shard`, for

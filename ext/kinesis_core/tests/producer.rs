@@ -709,3 +709,56 @@ async fn consecutive_deliveries_share_calls_within_the_linger_time() {
     assert_eq!(seen.len(), 1_000 + 100 + 5 * 333);
     assert!(seen.values().all(|&n| n == 1), "a record arrived twice");
 }
+
+/// The request bodies are written by the producer and put in the SDK's request before it is
+/// signed: the signature must cover them, or real Kinesis refuses every call (the local servers
+/// never check). The proxy recomputes each PutRecords signature from the request it received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_put_records_signature_covers_the_body_sent() {
+    let k = Kinesalite::start();
+    let proxy = FaultProxy::start(&k.endpoint()).await;
+    let admin = support::client(&k.endpoint()).await;
+    let stream = support::unique_stream_name("signed");
+    support::create_stream(&admin, &stream, 2).await;
+
+    // Aggregated, and unaggregated with escaped keys and explicit hash keys: every field the
+    // body writer writes.
+    let producer = Producer::new(config(&proxy.endpoint(), KeyMode::RandomPerAggregate))
+        .await
+        .unwrap();
+    proxy.check_signatures("secret");
+    let b = batch(2000, None);
+    assert_all_delivered(
+        &producer
+            .put(&stream, &b, &all(b.len()), &go(), &|_| {})
+            .await,
+    );
+
+    let mut cfg = config(&proxy.endpoint(), KeyMode::PerRecord);
+    cfg.destination = Destination::Streams { aggregate: false };
+    let unaggregated = Producer::new(cfg).await.unwrap();
+    let mut b = RecordBatch::default();
+    for i in 0..50u128 {
+        let key = format!("key \"{i}\"\\ é\u{1}");
+        let ehk = (i % 2 == 0).then_some(i * (u128::MAX / 50));
+        b.push(format!("record {i}").as_bytes(), Some(&key), ehk);
+    }
+    assert_all_delivered(
+        &unaggregated
+            .put(&stream, &b, &all(b.len()), &go(), &|_| {})
+            .await,
+    );
+    let s = proxy.stats();
+    assert!(s.signatures_valid >= 2, "{s:?}");
+    assert_eq!(s.signatures_invalid, 0, "{s:?}");
+
+    // The check itself fails a signature made with another secret.
+    proxy.check_signatures("another secret");
+    let b = batch(10, None);
+    assert_all_delivered(
+        &producer
+            .put(&stream, &b, &all(b.len()), &go(), &|_| {})
+            .await,
+    );
+    assert!(proxy.stats().signatures_invalid >= 1);
+}

@@ -78,6 +78,8 @@ async fn only_failed_entries_are_resent_one_record_each_and_packed() {
         proxy.sometimes_for(PUT_RECORD_BATCH, 0.1, Fault::Status(500));
         proxy.sometimes_for(PUT_RECORD_BATCH, 0.05, Fault::ThrottleRequest);
         proxy.sometimes_for(PUT_RECORD_BATCH, 0.05, Fault::Reset);
+        // The bodies are the producer's own, put in before signing: the signature covers them.
+        proxy.check_signatures("secret");
         let mut c = config(&proxy.endpoint(), pack);
         // Small records and calls, so a few thousand lines make many calls and packed records.
         c.max_record_bytes = 16 * 1024;
@@ -110,6 +112,8 @@ async fn only_failed_entries_are_resent_one_record_each_and_packed() {
         assert_eq!(stats.requests(PUT_RECORD_BATCH), c.requests);
         // Entries the proxy throttled one by one, plus those of whole calls it throttled.
         assert!(stats.entries_throttled > 0 && stats.entries_throttled <= c.throttled_entries);
+        assert_eq!(stats.signatures_valid, c.requests, "{stats:?}");
+        assert_eq!(stats.signatures_invalid, 0);
     }
 }
 

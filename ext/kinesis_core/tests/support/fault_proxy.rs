@@ -26,6 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+
+use super::sigv4;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{
@@ -210,6 +212,11 @@ pub struct ProxyStats {
     /// Requests per access key id that signed them (the `Credential=` of a SigV4 `Authorization`
     /// header, [`UNSIGNED`] without one), then per operation: which credentials a client used.
     pub access_keys: BTreeMap<String, BTreeMap<String, u64>>,
+    /// With [`ProxyHandle::check_signatures`]: batch put requests whose SigV4 signature matches
+    /// their method, path, signed headers and body under the given secret key, and those whose
+    /// signature does not (or that are not signed).
+    pub signatures_valid: u64,
+    pub signatures_invalid: u64,
 }
 
 impl ProxyStats {
@@ -323,6 +330,8 @@ struct State {
     upstream: String,
     plan: Mutex<Plan>,
     stats: Mutex<ProxyStats>,
+    /// The secret access key batch put signatures are checked with, if they are.
+    signing_secret: Mutex<Option<String>>,
     in_flight: watch::Sender<usize>,
 }
 
@@ -435,6 +444,14 @@ impl ProxyHandle {
         self.0.stats.lock().unwrap().clone()
     }
 
+    /// From now on, checks the SigV4 signature of every batch put request against
+    /// `secret_access_key`, counting the outcomes in `signatures_valid` and
+    /// `signatures_invalid`. The local servers never check one: this is how a test learns that
+    /// what the client signed is the request it sent, body included.
+    pub fn check_signatures(&self, secret_access_key: &str) {
+        *self.0.signing_secret.lock().unwrap() = Some(secret_access_key.to_string());
+    }
+
     /// Zeroes the counters; the in-flight gauges stay.
     pub fn reset_stats(&self) {
         let mut stats = self.0.stats.lock().unwrap();
@@ -478,6 +495,7 @@ impl FaultProxy {
             upstream,
             plan: Mutex::default(),
             stats: Mutex::default(),
+            signing_secret: Mutex::default(),
             in_flight: watch::Sender::new(0),
         });
         let accept_loop = tokio::spawn(accept_loop(listener, state.clone()));
@@ -659,6 +677,14 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> io::Result<Respons
         false => None,
     };
     let put_in_flight = put.as_ref().map(|p| PutInFlight::start(&state, p));
+    let secret = state.signing_secret.lock().unwrap().clone();
+    if let (Some(secret), true) = (secret, operation == service.batch_put) {
+        let valid = sigv4::verify(&parts, &body, &secret);
+        state.count(|s| match valid {
+            true => s.signatures_valid += 1,
+            false => s.signatures_invalid += 1,
+        });
+    }
     let fault = state.next_fault(&operation);
     // A task of its own, so a client that hangs up (a timeout) does not cancel a forward.
     let work = tokio::spawn(async move {

@@ -7,6 +7,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod fault_proxy;
+mod sigv4;
 
 pub use fault_proxy::{Entries, Fault, FaultProxy, ProxyHandle, ProxyStats};
 
