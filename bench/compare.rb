@@ -47,6 +47,12 @@
 # kinesalite and fluentd share this machine's CPUs: fluentd's CPU use is printed so that a rate
 # bound by CPU rather than by the shards shows.
 #
+# steady: anchor and ours in a real fluentd (in_tail as above, the same <match> with the default
+# 1 s flush), the log appended at STEADY_RATE lines/s for STEADY_SECONDS, on a stream of SHARDS
+# shards without any limit: PutRecords calls and how full they are on a steady stream (where a
+# burst of LINES ends with a partial call, a steady stream has chunks coming every second), PUT
+# payload units, peak RSS, every line read back. ROUNDS rounds, alternating, medians.
+#
 # outage: ours in a real fluentd with a memory buffer (total_limit_size OUTAGE_BUFFER, 8 MiB
 # chunks, retries at most 5 s apart), behind the fault proxy answering every PutRecords call with
 # HTTP 500 for OUTAGE_SECONDS, while lines are appended to the tailed log at a steady rate (by
@@ -61,7 +67,7 @@
 # The two plugins register the same @type, so they never share a process or a load path.
 #
 # Environment:
-#   PARTS               comma-separated, of fluentd, write_path, shards, outage (default all)
+#   PARTS               comma-separated, of fluentd, write_path, steady, shards, outage (default all)
 #   ROUNDS              rounds of the fluentd and write_path parts (default 5): medians over them
 #   LINES               log lines per fluentd run (default 200000)
 #   SHARDS              shards of every stream but the shards part's (default 16, so that our
@@ -69,6 +75,8 @@
 #   WRITE_PATH_RECORDS  events per write_path run (default 100000)
 #   SHARD_COUNTS        shard counts of the shards part (default 2,8,32)
 #   SHARD_SECONDS       seconds each shards run should take at N MiB/s (default 25)
+#   STEADY_RATE         lines per second of the steady part (default 15000, about 3 MB/s of log)
+#   STEADY_SECONDS      seconds the steady part appends them for (default 30)
 #   OUTAGE_SECONDS      length of the outage (default 300; 0 skips the outage part)
 #   OUTAGE_BUFFER       the outage run's total_limit_size (default 64m)
 #   OUTAGE_RATE         lines per second appended during the outage (default: see above)
@@ -108,7 +116,7 @@ require_relative "../test/support/local_kinesis"
 
 module Bench
   ROOT = File.expand_path("..", __dir__)
-  ALL_PARTS = %w[fluentd write_path shards outage].freeze
+  ALL_PARTS = %w[fluentd write_path steady shards outage].freeze
   PARTS = ENV.fetch("PARTS", ALL_PARTS.join(",")).split(",").map(&:strip).reject(&:empty?)
   ROUNDS = Integer(ENV.fetch("ROUNDS", "5"))
   LINES = Integer(ENV.fetch("LINES", "200000"))
@@ -116,6 +124,8 @@ module Bench
   WRITE_PATH_RECORDS = Integer(ENV.fetch("WRITE_PATH_RECORDS", "100000"))
   SHARD_COUNTS = ENV.fetch("SHARD_COUNTS", "2,8,32").split(",").map { |n| Integer(n) }
   SHARD_SECONDS = Float(ENV.fetch("SHARD_SECONDS", "25"))
+  STEADY_RATE = Integer(ENV.fetch("STEADY_RATE", "15000"))
+  STEADY_SECONDS = Integer(ENV.fetch("STEADY_SECONDS", "30"))
   OUTAGE_SECONDS = Integer(ENV.fetch("OUTAGE_SECONDS", "300"))
   OUTAGE_BUFFER = ENV.fetch("OUTAGE_BUFFER", "64m")
   OUTAGE_CHUNK = "8m"
@@ -936,6 +946,55 @@ def steady_writer(run, rate, stop)
   end
 end
 
+# ---- part steady -------------------------------------------------------------------------------
+
+# One plugin in fluentd while the log grows at STEADY_RATE lines/s for STEADY_SECONDS.
+def steady_run(ctx, name, load_path, round)
+  stream = ctx.bk.create_stream("bench-steady-#{name}-#{round}", Bench::SHARDS)
+  with_fluentd(ctx, "#{name}-steady", kinesis_match(stream, ctx.bk.endpoint), load_path) do |run|
+    stop = [false]
+    writer = steady_writer(run, Bench::STEADY_RATE, stop)
+    sleep Bench::STEADY_SECONDS
+    stop[0] = true
+    lines = writer.value
+    done = run.wait_for { ctx.bk.proxy.stats(stream)["user_records_ok"].to_i >= lines }
+    warn "bench: steady #{name}: not every line delivered within #{Bench::TIMEOUT} s; fluentd log tail:\n#{run.log_tail}" unless done
+    r = { "lines" => lines, "complete" => !done.nil?, "vm_hwm_kib" => run.memory_kib("VmHWM"), "wire" => ctx.bk.proxy.stats(stream) }
+    run.stop
+    r["read_back"] = ctx.bk.read_back(stream, lines)
+    r
+  end
+end
+
+def steady_part(ctx)
+  puts "bench: steady part: #{Bench.fmt(Bench::STEADY_RATE)} lines/s for #{Bench::STEADY_SECONDS} s, #{Bench::SHARDS} shards, #{Bench::ROUNDS} round(s)"
+  series = { "anchor" => ctx.anchor_runs, "ours" => [] }
+  alternate_rounds(series) do |name, round|
+    steady_run(ctx, name, name == "anchor" ? ctx.anchor_load_path : ctx.ours_lib, round)
+  end
+  columns = series.keys
+  median_of = ->(key) { proc { |runs| Bench.median(runs.map { |r| call_figures(r["wire"])[key] }) } }
+  row = ->(label, digits, f) { Bench.row(label, series, columns, digits, &f) }
+  rows = [
+    row.("log lines", 0, proc { |runs| Bench.median(runs.map { |r| r["lines"] }) }),
+    row.("PutRecords calls", 0, median_of.("calls")),
+    row.("Kinesis records per call (mean)", 2, median_of.("entries_per_call")),
+    row.("calls full, %", 1, median_of.("full_pct")),
+    row.("  the run's last call aside, %", 1, median_of.("full_pct_but_last")),
+    row.("PUT payload units / minimum", 3, median_of.("units_ratio")),
+    row.("peak RSS MiB (VmHWM)", 1, proc { |runs| Bench.median(runs.map { |r| r["vm_hwm_kib"] / 1024.0 }) }),
+    row.("read back, all rounds", 0, proc { |runs| BenchKinesis.read_back_cell(runs.map { |r| r["read_back"] }) }),
+    row.("  duplicates, missing, KCL-dropped", 0, proc { |runs| BenchKinesis.problems_cell(runs.map { |r| r["read_back"] }) })
+  ]
+  Bench.table("steady stream: #{Bench.fmt(Bench::STEADY_RATE)} lines/s for #{Bench::STEADY_SECONDS} s, #{Bench::SHARDS} shards, " \
+              "median of #{Bench::ROUNDS} round(s)", columns, rows,
+              ["a call is #{Bench::FULL_CALL}", "default settings of each plugin, flush_interval 1s", *Bench.skipped_notes(series)])
+  ctx.summary << "(b) steady stream, calls full, median: " + Bench.per_column(series, separator: "; ") { |runs|
+    "#{Bench.fmt(median_of.("full_pct").(runs), 1)} % (#{Bench.fmt(median_of.("full_pct_but_last").(runs), 1)} % but the last) of " \
+      "#{Bench.fmt(median_of.("calls").(runs))} calls, units/minimum #{Bench.fmt(median_of.("units_ratio").(runs), 3)}"
+  }
+end
+
 # What fluentd logs when its buffer refuses an emit (BufferOverflowError).
 BUFFER_OVERFLOW = "failed to write data into buffer by buffer overflow"
 
@@ -1039,12 +1098,13 @@ def main
     puts "bench: anchor SKIPPED: #{ctx.anchor_why}"
   end
 
-  if Bench.part?("fluentd") || Bench.part?("write_path")
+  if Bench.part?("fluentd") || Bench.part?("write_path") || Bench.part?("steady")
     ctx.bk = BenchKinesis.new
     puts "bench: kinesalite #{ctx.bk.kinesis.endpoint}, counting proxy #{ctx.bk.endpoint}"
   end
   fluentd_part(ctx) if Bench.part?("fluentd")
   write_path_part(ctx) if Bench.part?("write_path")
+  steady_part(ctx) if Bench.part?("steady")
   shards_part(ctx) if Bench.part?("shards")
   outage_part(ctx) if Bench.part?("outage")
 

@@ -145,6 +145,18 @@ class KinesisStreamsAggregatedOutputTest < Test::Unit::TestCase
     assert_raise(Fluent::ConfigError) { driver(config("s", "metrics_level verbose")) }
     d = driver(config("s", "batch_request_max_count 100000\nbatch_request_max_size 1m"))
     assert_equal 500, d.instance.batch_request_max_count
+    e = assert_raise(Fluent::ConfigError) { driver(config("s", "record_max_buffered_time soon")) }
+    assert_match(/auto or a time/, e.message)
+  end
+
+  test "record_max_buffered_time: auto follows the chunks' interval, a time is fixed, 0 writes synchronously" do
+    options = ->(extra) { driver(config("s", extra)).instance.instance_variable_get(:@producer_options).values_at("linger", "linger_max") }
+    assert_equal [1.0, 10.0], options.("")
+    assert_equal [1.0, 10.0], options.("record_max_buffered_time auto")
+    assert_equal [2.5, 0.0], options.("record_max_buffered_time 2.5")
+    assert_equal [60.0, 0.0], options.("record_max_buffered_time 1m")
+    assert_equal [0.0, 0.0], options.("record_max_buffered_time 0")
+    assert_false driver(config("s", "record_max_buffered_time 0")).instance.prefer_delayed_commit
   end
 
   private

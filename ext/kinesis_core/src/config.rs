@@ -143,6 +143,11 @@ pub struct ProducerConfig {
     /// How long a partial batch call (the last of a delivery) may wait for the next delivery's
     /// records to fill it; zero sends it at once.
     pub linger: Duration,
+    /// Nonzero: the wait follows how often deliveries of the stream arrive. It is 1.5 times the
+    /// recent interval between them when that is at most `linger_max`, and never less than
+    /// `linger`: on a steady stream whose chunks come every few seconds, a partial call waits
+    /// for the next chunk instead of going out part full. Zero: always `linger`.
+    pub linger_max: Duration,
     /// Per-shard rate limit in percent of Kinesis' 1 MiB/s and 1000 records/s; 0 turns it off.
     pub rate_limit_percent: u32,
     /// Retries after the first attempt, per PutRecords entry.
@@ -180,6 +185,7 @@ impl Default for ProducerConfig {
             batch_max_bytes: MAX_BYTES_PER_REQUEST,
             concurrency: 8,
             linger: Duration::ZERO,
+            linger_max: Duration::ZERO,
             rate_limit_percent: 150,
             max_retries: 8,
             backoff_base: Duration::from_millis(100),

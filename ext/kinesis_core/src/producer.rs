@@ -223,6 +223,9 @@ pub struct Producer {
     metrics: Option<Arc<Metrics>>,
     /// Each destination's open (partial) batch call, shared by consecutive deliveries.
     pipes: Mutex<HashMap<String, Arc<Pipe<Entry>>>>,
+    /// When each stream's deliveries last handed records to its pipe, and the smoothed
+    /// interval between them (for `linger_max`).
+    arrivals: Mutex<HashMap<String, Arrivals>>,
     /// Batch calls in flight at once, across deliveries (`concurrency`).
     call_slots: Semaphore,
     /// Wakes deliveries waiting for their partial call to fill: a stop sends it at once.
@@ -282,6 +285,7 @@ impl Producer {
             drain_until: Mutex::new(None),
             metrics: None,
             pipes: Mutex::new(HashMap::new()),
+            arrivals: Mutex::new(HashMap::new()),
             call_slots: Semaphore::new(slots),
             drain_started: Notify::new(),
             open_calls_wanted: Notify::new(),
@@ -778,6 +782,7 @@ impl Producer {
         on_delivered: OnDelivered<'_>,
     ) {
         let pipe = self.pipe(stream);
+        self.arrived(stream);
         let entries = records
             .into_iter()
             .map(|r| Entry::new(r, map.clone(), sink.clone()));
@@ -792,10 +797,36 @@ impl Producer {
         futures::join!(sends, self.wait_settled(stream, &pipe, sink, on_delivered));
     }
 
-    /// How long a partial call may wait for more records: the `linger` setting, but at most a
-    /// quarter of the delivery deadline, so that the wait never eats the delivery's retries.
-    fn linger(&self) -> Duration {
-        self.config.linger.min(self.config.deadline / 4)
+    /// How long a partial call of `stream` may wait for more records: the `linger` setting, or
+    /// with `linger_max` 1.5 times the recent interval between the stream's deliveries when that
+    /// is at most `linger_max` (never less than `linger`); and at most a quarter of the delivery
+    /// deadline, so that the wait never eats the delivery's retries.
+    fn linger(&self, stream: &str) -> Duration {
+        let interval = self
+            .arrivals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(stream)
+            .and_then(|a| a.interval);
+        linger_for(&self.config, interval)
+    }
+
+    /// Notes that a delivery of `stream` hands its records to the pipe now.
+    fn arrived(&self, stream: &str) {
+        let now = Instant::now();
+        let mut arrivals = self.arrivals.lock().unwrap_or_else(|p| p.into_inner());
+        match arrivals.get_mut(stream) {
+            Some(a) => a.arrived(now),
+            None => {
+                arrivals.insert(
+                    stream.to_string(),
+                    Arrivals {
+                        last: now,
+                        interval: None,
+                    },
+                );
+            }
+        }
     }
 
     /// Sends one call of the pipe, each attempt holding one of the `concurrency` call slots.
@@ -838,7 +869,7 @@ impl Producer {
                     tokio::select! {
                         _ = &mut settled => {}
                         _ = taken.next(), if !taken.is_empty() => {}
-                        _ = tokio::time::sleep_until((since + self.linger()).into()) => {
+                        _ = tokio::time::sleep_until((since + self.linger(stream)).into()) => {
                             take = Some(generation)
                         }
                         _ = drain => take = Some(generation),
@@ -1569,6 +1600,40 @@ fn answers<T>(
         .collect())
 }
 
+/// How much longer than the interval between deliveries a partial call waits for the next one.
+const LINGER_MARGIN: f64 = 1.5;
+
+/// How long a partial call waits (see [`Producer::linger`]), given the smoothed interval
+/// between the stream's deliveries.
+fn linger_for(c: &ProducerConfig, interval: Option<Duration>) -> Duration {
+    let mut linger = c.linger;
+    if let Some(gap) = interval.filter(|_| !c.linger_max.is_zero()) {
+        let wait = gap.mul_f64(LINGER_MARGIN);
+        if wait <= c.linger_max {
+            linger = linger.max(wait);
+        }
+    }
+    linger.min(c.deadline / 4)
+}
+
+/// When a stream's deliveries arrive (hand their records to the pipe).
+struct Arrivals {
+    last: Instant,
+    /// The interval between arrivals, smoothed (half the last one, half the earlier ones).
+    interval: Option<Duration>,
+}
+
+impl Arrivals {
+    fn arrived(&mut self, now: Instant) {
+        let gap = now.duration_since(self.last);
+        self.interval = Some(match self.interval {
+            Some(i) => (i + gap) / 2,
+            None => gap,
+        });
+        self.last = now;
+    }
+}
+
 /// One entry of a batch call's answer: failed with `code`, else delivered (to `shard`, for
 /// Kinesis).
 fn entry_answer(
@@ -1659,6 +1724,51 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn linger_follows_the_interval_between_deliveries_up_to_its_max() {
+        let secs = Duration::from_secs_f64;
+        let mut c = ProducerConfig {
+            linger: secs(1.0),
+            deadline: secs(120.0),
+            ..ProducerConfig::default()
+        };
+        // Fixed: the interval does not matter.
+        assert_eq!(linger_for(&c, Some(secs(4.0))), secs(1.0));
+        c.linger_max = secs(10.0);
+        assert_eq!(linger_for(&c, None), secs(1.0), "no interval known yet");
+        assert_eq!(
+            linger_for(&c, Some(secs(0.2))),
+            secs(1.0),
+            "never below linger"
+        );
+        assert_eq!(linger_for(&c, Some(secs(4.0))), secs(6.0));
+        assert_eq!(
+            linger_for(&c, Some(secs(8.0))),
+            secs(1.0),
+            "chunks too far apart: waiting would not fill the call"
+        );
+        c.deadline = secs(16.0);
+        assert_eq!(
+            linger_for(&c, Some(secs(4.0))),
+            secs(4.0),
+            "a quarter of the deadline"
+        );
+
+        let t0 = Instant::now();
+        let mut a = Arrivals {
+            last: t0,
+            interval: None,
+        };
+        a.arrived(t0 + secs(2.0));
+        assert_eq!(a.interval, Some(secs(2.0)));
+        a.arrived(t0 + secs(6.0));
+        assert_eq!(
+            a.interval,
+            Some(secs(3.0)),
+            "half the last, half the earlier"
+        );
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

@@ -710,6 +710,57 @@ async fn consecutive_deliveries_share_calls_within_the_linger_time() {
     assert!(seen.values().all(|&n| n == 1), "a record arrived twice");
 }
 
+/// With `linger_max`, the wait follows how often deliveries come: chunks arriving every 1.5 s,
+/// longer than the 1 s `linger`, still fill each other's calls, where a fixed 1 s wait sends
+/// every chunk's partial call on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wait_for_the_next_delivery_follows_their_interval() {
+    let k = Kinesalite::start();
+    let admin = support::client(&k.endpoint()).await;
+    let stream = support::unique_stream_name("linger-follows");
+    support::create_stream(&admin, &stream, 2).await;
+    let distinct = |n: usize, tag: &str| {
+        let mut b = RecordBatch::default();
+        for i in 0..n {
+            b.push(format!("{tag}-{i}").as_bytes(), None, None);
+        }
+        b
+    };
+    let mut requests = Vec::new();
+    for linger_max in [Duration::ZERO, Duration::from_secs(5)] {
+        let mut cfg = config(&k.endpoint(), KeyMode::RandomPerAggregate);
+        cfg.destination = Destination::Streams { aggregate: false };
+        cfg.linger = Duration::from_secs(1);
+        cfg.linger_max = linger_max;
+        let producer = std::sync::Arc::new(Producer::new(cfg).await.unwrap());
+        // 6 deliveries of 250 records, 1.5 s apart: 3 full calls of 500 if each waits for the
+        // next, 6 calls of 250 if not.
+        let mut running = Vec::new();
+        for d in 0..6 {
+            let (p, s) = (producer.clone(), stream.clone());
+            let b = distinct(250, &format!("every-1.5s-{}-{d}", linger_max.as_secs()));
+            running.push(tokio::spawn(async move {
+                p.put(&s, &b, &all(b.len()), &go(), &|_| {}).await
+            }));
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        let mut n = 0;
+        for h in running {
+            let o = h.await.unwrap();
+            assert_all_delivered(&o);
+            n += o.counters.requests;
+        }
+        requests.push(n);
+    }
+    assert_eq!(requests[0], 6, "fixed 1 s: every partial call went alone");
+    // The first delivery has no interval to follow yet; from the second on, calls are shared.
+    assert!(
+        requests[1] <= 4,
+        "following the interval: {} calls",
+        requests[1]
+    );
+}
+
 /// The request bodies are written by the producer and put in the SDK's request before it is
 /// signed: the signature must cover them, or real Kinesis refuses every call (the local servers
 /// never check). The proxy recomputes each PutRecords signature from the request it received.

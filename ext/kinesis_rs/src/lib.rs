@@ -1,11 +1,17 @@
 //! Ruby binding of kinesis_core: `FluentPluginKinesisRs::Native`.
 //!
 //! Thin on purpose: each module converts Ruby values to Rust data, calls the core and converts
-//! the result back. One module per Ruby concept, plus `errors` for the exception mapping.
+//! the result back. One module per Ruby concept, plus `errors` for the exception mapping and
+//! `alloc` for how the extension's large buffers are allocated next to Ruby's heap.
 
 use magnus::{function, prelude::*, Error, Ruby};
 
 mod aggregation;
+#[cfg(target_os = "linux")]
+mod alloc;
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: alloc::Allocator = alloc::Allocator;
 mod errors;
 mod nogvl;
 mod options;

@@ -245,6 +245,7 @@ pub fn producer_config(ruby: &Ruby, hash: RHash) -> Result<ProducerConfig, Error
             .unwrap_or(d.batch_max_bytes),
         concurrency: o.get("concurrency")?.unwrap_or(d.concurrency),
         linger: o.secs("linger")?.unwrap_or(d.linger),
+        linger_max: o.secs("linger_max")?.unwrap_or(d.linger_max),
         rate_limit_percent: o.get("rate_limit")?.unwrap_or(d.rate_limit_percent),
         max_retries: o.get("retries")?.unwrap_or(d.max_retries),
         backoff_base: o.secs("backoff_base")?.unwrap_or(d.backoff_base),

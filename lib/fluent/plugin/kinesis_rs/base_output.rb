@@ -150,8 +150,9 @@ module Fluent
         desc "Seconds the last, partial batch call of a chunk may wait for the next chunk's records to fill it " \
              "(as the KPL's RecordMaxBufferedTime). Chunks are then acknowledged to fluentd once all their records " \
              "are delivered (delayed commit), so several are delivered at once. It bounds only that last call's wait: " \
-             "a full call goes at once, and a stop sends a waiting call at once. 0: each chunk on its own, written synchronously."
-        config_param :record_max_buffered_time, :time, default: 1
+             "a full call goes at once, and a stop sends a waiting call at once. 0: each chunk on its own, written synchronously. " \
+             "auto (the default): 1.5 times the recent interval between chunks when that is at most 10 s, else 1 s."
+        config_param :record_max_buffered_time, :string, default: "auto"
         desc "Chunks being delivered at once with record_max_buffered_time (default: flush_thread_count + 1)."
         config_param :max_chunks_in_flight, :integer, default: nil
         desc "Seconds one chunk's delivery may take, retries included, before fluentd retries it."
@@ -197,8 +198,14 @@ module Fluent
           true
         end
 
+        # record_max_buffered_time auto: a partial call waits at least this long, and follows the
+        # interval between chunks up to LINGER_AUTO_MAX.
+        LINGER_AUTO_MIN = 1.0
+        LINGER_AUTO_MAX = 10.0
+
         def configure(conf)
           super
+          @linger, @linger_max = parse_record_max_buffered_time(@record_max_buffered_time)
           validate!
           warn_about_compatibility_options
           @formatter = formatter_create
@@ -218,7 +225,18 @@ module Fluent
         # Delayed commit (see #try_write) when partial calls may wait for the next chunk; never
         # with keep_order, whose chunks must go one after the other.
         def prefer_delayed_commit
-          @record_max_buffered_time.positive? && !ordered?
+          @linger.positive? && !ordered?
+        end
+
+        # [linger, linger_max] in seconds: "auto", or a fixed time (linger_max 0).
+        def parse_record_max_buffered_time(value)
+          value = value.to_s.strip
+          return [LINGER_AUTO_MIN, LINGER_AUTO_MAX] if value == "auto"
+          unless value.match?(/\A\d+(\.\d+)?[smhd]?\z/)
+            raise Fluent::ConfigError, "record_max_buffered_time must be auto or a time (0, 0.5, 2s, 1m), not #{value.inspect}"
+          end
+
+          [Fluent::Config.time_value(value).to_f, 0.0]
         end
 
         def start
@@ -425,7 +443,7 @@ module Fluent
         # chunks' calls: fluentd must not take a chunk back (delayed_commit_timeout) meanwhile.
         # (fluentd sets @delayed_commit and @delayed_commit_timeout in #start.)
         def raise_delayed_commit_timeout
-          needed = 2 * @delivery_timeout + @request_timeout + @record_max_buffered_time
+          needed = 2 * @delivery_timeout + @request_timeout + [@linger, @linger_max].max
           needed = [needed, @shutdown_timeout + @request_timeout].max.ceil
           return if @delayed_commit_timeout >= needed
 
@@ -618,7 +636,8 @@ module Fluent
             "batch_request_max_count" => @batch_request_max_count, "batch_request_max_size" => @batch_request_max_size,
             "concurrency" => @max_concurrent_requests, "retries" => @retries_on_batch_request,
             "reset_backoff_if_success" => @reset_backoff_if_success, "deadline" => @delivery_timeout.to_f,
-            "linger" => (prefer_delayed_commit ? @record_max_buffered_time.to_f : 0.0),
+            "linger" => (prefer_delayed_commit ? @linger : 0.0),
+            "linger_max" => (prefer_delayed_commit ? @linger_max : 0.0),
             "user_agent" => "fluentd/#{Fluent::VERSION}"
           }.merge(extra_producer_options)
         end
