@@ -226,6 +226,12 @@ pub struct Producer {
     /// When each stream's deliveries last handed records to its pipe, and the smoothed
     /// interval between them (for `linger_max`).
     arrivals: Mutex<HashMap<String, Arrivals>>,
+    /// When entries last waited in the producer for their shard (the rate limiter let none of
+    /// an attempt's entries go) or were throttled: while shards are at their limit, a partial
+    /// call waits no longer than `linger`, since filling it would only keep records from shards
+    /// that can take them. (A call waiting up to 0.5 s for a shard that takes all its entries
+    /// then does not count: two aggregates for one shard in a row do that.)
+    held_back: Mutex<Option<Instant>>,
     /// Batch calls in flight at once, across deliveries (`concurrency`).
     call_slots: Semaphore,
     /// Wakes deliveries waiting for their partial call to fill: a stop sends it at once.
@@ -286,6 +292,7 @@ impl Producer {
             metrics: None,
             pipes: Mutex::new(HashMap::new()),
             arrivals: Mutex::new(HashMap::new()),
+            held_back: Mutex::new(None),
             call_slots: Semaphore::new(slots),
             drain_started: Notify::new(),
             open_calls_wanted: Notify::new(),
@@ -808,7 +815,15 @@ impl Producer {
             .unwrap_or_else(|p| p.into_inner())
             .get(stream)
             .and_then(|a| a.interval);
-        linger_for(&self.config, interval)
+        let held_back = *self.held_back.lock().unwrap_or_else(|p| p.into_inner());
+        let at_limit =
+            held_back.is_some_and(|t| t.elapsed() < self.config.linger_max.max(LIMIT_MEMORY));
+        linger_for(&self.config, interval.filter(|_| !at_limit))
+    }
+
+    /// Notes that entries wait for their shard, or were throttled.
+    fn note_held_back(&self) {
+        *self.held_back.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
 
     /// Notes that a delivery of `stream` hands its records to the pipe now.
@@ -1040,6 +1055,7 @@ impl Producer {
             if send.is_empty() {
                 let (until, for_limiter) = wake;
                 if for_limiter {
+                    self.note_held_back();
                     records[todo[0]].sink.lock().counters.rate_limited_ms +=
                         until.saturating_duration_since(now).as_millis() as u64;
                 }
@@ -1236,6 +1252,9 @@ impl Producer {
             }
             if failed.is_empty() {
                 continue;
+            }
+            if failed.iter().any(|(_, f)| f.kind == FailureKind::Throttled) {
+                self.note_held_back();
             }
             // Records that retrying cannot help fail now; the rest wait and go again.
             let (retry, hopeless): (Vec<_>, Vec<_>) = failed
@@ -1602,6 +1621,10 @@ fn answers<T>(
 
 /// How much longer than the interval between deliveries a partial call waits for the next one.
 const LINGER_MARGIN: f64 = 1.5;
+
+/// How long after entries last waited for their shard (or were throttled) partial calls wait
+/// only `linger` (at least; `linger_max` if longer).
+const LIMIT_MEMORY: Duration = Duration::from_secs(10);
 
 /// How long a partial call waits (see [`Producer::linger`]), given the smoothed interval
 /// between the stream's deliveries.
