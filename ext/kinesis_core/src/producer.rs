@@ -806,8 +806,9 @@ impl Producer {
 
     /// How long a partial call of `stream` may wait for more records: the `linger` setting, or
     /// with `linger_max` 1.5 times the recent interval between the stream's deliveries when that
-    /// is at most `linger_max` (never less than `linger`); and at most a quarter of the delivery
-    /// deadline, so that the wait never eats the delivery's retries.
+    /// is at most `linger_max` (never less than `linger`, and just `linger` while shards are at
+    /// their limit, see `held_back`); and at most a quarter of the delivery deadline, so that the
+    /// wait never eats the delivery's retries.
     fn linger(&self, stream: &str) -> Duration {
         let interval = self
             .arrivals
@@ -929,9 +930,9 @@ impl Producer {
                 .send()
                 .await
                 .map_err(|e| classify_sdk_error_for(Service::Firehose, &e))?;
-            return answers(Service::Firehose, resp.request_responses(), |r| {
+            return Ok(answers(Service::Firehose, resp.request_responses(), |r| {
                 (r.error_code(), r.error_message(), None)
-            });
+            }));
         }
         let body = request_body::put_records(stream, todo.iter().map(|&e| &records[e].record));
         let resp = self
@@ -944,9 +945,9 @@ impl Producer {
             .send()
             .await
             .map_err(|e| classify_sdk_error(&e))?;
-        answers(Service::Kinesis, resp.records(), |r| {
+        Ok(answers(Service::Kinesis, resp.records(), |r| {
             (r.error_code(), r.error_message(), r.shard_id())
-        })
+        }))
     }
 
     /// keep_order: each shard's Kinesis records one at a time, in plan order, each retried until
@@ -1609,14 +1610,14 @@ fn answers<T>(
     service: Service,
     entries: &[T],
     fields: impl Fn(&T) -> (Option<&str>, Option<&str>, Option<&str>),
-) -> Result<Vec<EntryAnswer>, Failure> {
-    Ok(entries
+) -> Vec<EntryAnswer> {
+    entries
         .iter()
         .map(|r| {
             let (code, message, shard) = fields(r);
             entry_answer(service, code, message, shard)
         })
-        .collect())
+        .collect()
 }
 
 /// How much longer than the interval between deliveries a partial call waits for the next one.

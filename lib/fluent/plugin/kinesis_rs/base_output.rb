@@ -151,7 +151,8 @@ module Fluent
              "(as the KPL's RecordMaxBufferedTime). Chunks are then acknowledged to fluentd once all their records " \
              "are delivered (delayed commit), so several are delivered at once. It bounds only that last call's wait: " \
              "a full call goes at once, and a stop sends a waiting call at once. 0: each chunk on its own, written synchronously. " \
-             "auto (the default): 1.5 times the recent interval between chunks when that is at most 10 s, else 1 s."
+             "auto (the default): 1.5 times the recent interval between chunks when that is at most 10 s, else 1 s " \
+             "(and 1 s while shards are at their limit: entries waited for their shard or were throttled in the last 10 s)."
         config_param :record_max_buffered_time, :string, default: "auto"
         desc "Chunks being delivered at once with record_max_buffered_time (default: flush_thread_count + 1)."
         config_param :max_chunks_in_flight, :integer, default: nil
