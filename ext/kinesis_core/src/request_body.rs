@@ -31,33 +31,24 @@ pub fn put_records<'a>(
     stream: &str,
     records: impl Iterator<Item = &'a KinesisRecord> + Clone,
 ) -> Bytes {
-    let capacity = records
-        .clone()
-        .map(|r| base64_len(r.data.len()) + r.partition_key.len() + RECORD_OVERHEAD)
-        .sum::<usize>()
-        + stream.len()
-        + 32;
-    let mut out = Vec::with_capacity(capacity);
-    out.extend_from_slice(b"{\"StreamName\":");
-    json_string(&mut out, stream);
-    out.extend_from_slice(b",\"Records\":[");
-    for (i, r) in records.enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b"{\"Data\":\"");
-        base64_simd::STANDARD.encode_append(&r.data, &mut out);
-        out.extend_from_slice(b"\",\"PartitionKey\":");
-        json_string(&mut out, &r.partition_key);
-        if let Some(h) = r.explicit_hash_key {
-            out.extend_from_slice(b",\"ExplicitHashKey\":\"");
-            out.extend_from_slice(itoa::Buffer::new().format(h).as_bytes());
-            out.push(b'"');
-        }
-        out.push(b'}');
-    }
-    out.extend_from_slice(b"]}");
-    Bytes::from(out)
+    batch_body(
+        "StreamName",
+        stream,
+        records,
+        |r| base64_len(r.data.len()) + r.partition_key.len() + RECORD_OVERHEAD,
+        |out, r| {
+            out.extend_from_slice(b"{\"Data\":\"");
+            base64_simd::STANDARD.encode_append(&r.data, out);
+            out.extend_from_slice(b"\",\"PartitionKey\":");
+            json_string(out, &r.partition_key);
+            if let Some(h) = r.explicit_hash_key {
+                out.extend_from_slice(b",\"ExplicitHashKey\":\"");
+                out.extend_from_slice(itoa::Buffer::new().format(h).as_bytes());
+                out.push(b'"');
+            }
+            out.push(b'}');
+        },
+    )
 }
 
 /// The body of a PutRecordBatch call carrying the data of `records` to `delivery_stream`.
@@ -65,23 +56,41 @@ pub fn put_record_batch<'a>(
     delivery_stream: &str,
     records: impl Iterator<Item = &'a [u8]> + Clone,
 ) -> Bytes {
-    let capacity = records
-        .clone()
-        .map(|d| base64_len(d.len()) + r#"{"Data":""},"#.len())
-        .sum::<usize>()
-        + delivery_stream.len()
-        + 40;
+    batch_body(
+        "DeliveryStreamName",
+        delivery_stream,
+        records,
+        |d| base64_len(d.len()) + r#"{"Data":""},"#.len(),
+        |out, d| {
+            out.extend_from_slice(b"{\"Data\":\"");
+            base64_simd::STANDARD.encode_append(d, out);
+            out.extend_from_slice(b"\"}");
+        },
+    )
+}
+
+/// `{"<name_key>":"<name>","Records":[...]}` with each record written by `write`, in a buffer
+/// of the size `room` says the records need.
+fn batch_body<I: Iterator + Clone>(
+    name_key: &str,
+    name: &str,
+    records: I,
+    room: impl Fn(&I::Item) -> usize,
+    write: impl Fn(&mut Vec<u8>, I::Item),
+) -> Bytes {
+    let capacity =
+        records.clone().map(|r| room(&r)).sum::<usize>() + name_key.len() + name.len() + 24;
     let mut out = Vec::with_capacity(capacity);
-    out.extend_from_slice(b"{\"DeliveryStreamName\":");
-    json_string(&mut out, delivery_stream);
+    out.push(b'{');
+    json_string(&mut out, name_key);
+    out.push(b':');
+    json_string(&mut out, name);
     out.extend_from_slice(b",\"Records\":[");
-    for (i, d) in records.enumerate() {
+    for (i, r) in records.enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(b"{\"Data\":\"");
-        base64_simd::STANDARD.encode_append(d, &mut out);
-        out.extend_from_slice(b"\"}");
+        write(&mut out, r);
     }
     out.extend_from_slice(b"]}");
     Bytes::from(out)

@@ -614,6 +614,15 @@ async fn keep_order_keeps_each_keys_records_in_order_through_faults() {
     );
 }
 
+/// `n` records "{tag}-{i}" without keys.
+fn distinct(n: usize, tag: &str) -> RecordBatch {
+    let mut b = RecordBatch::default();
+    for i in 0..n {
+        b.push(format!("{tag}-{i}").as_bytes(), None, None);
+    }
+    b
+}
+
 /// Starts `batches` as consecutive deliveries (as fluentd's chunks with delayed commit: each
 /// starts while the one before is still waiting for its partial call to fill), 20 ms apart.
 async fn put_consecutively(
@@ -648,13 +657,6 @@ async fn consecutive_deliveries_share_calls_within_the_linger_time() {
     cfg.linger = Duration::from_secs(2);
     cfg.max_retries = 30;
     let producer = std::sync::Arc::new(Producer::new(cfg).await.unwrap());
-    let distinct = |n: usize, tag: &str| {
-        let mut b = RecordBatch::default();
-        for i in 0..n {
-            b.push(format!("{tag}-{i}").as_bytes(), None, None);
-        }
-        b
-    };
 
     // Full calls: 4 x 250 records -> 2 calls of 500, no wait (the last call is exactly full).
     let batches: Vec<RecordBatch> = (0..4).map(|d| distinct(250, &format!("full{d}"))).collect();
@@ -719,13 +721,6 @@ async fn the_wait_for_the_next_delivery_follows_their_interval() {
     let admin = support::client(&k.endpoint()).await;
     let stream = support::unique_stream_name("linger-follows");
     support::create_stream(&admin, &stream, 2).await;
-    let distinct = |n: usize, tag: &str| {
-        let mut b = RecordBatch::default();
-        for i in 0..n {
-            b.push(format!("{tag}-{i}").as_bytes(), None, None);
-        }
-        b
-    };
     let mut requests = Vec::new();
     for linger_max in [Duration::ZERO, Duration::from_secs(5)] {
         let mut cfg = config(&k.endpoint(), KeyMode::RandomPerAggregate);
