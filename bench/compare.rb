@@ -6,7 +6,7 @@
 #   LINES=200000 ROUNDS=5 SHARDS=16 WRITE_PATH_RECORDS=100000 ruby bench/compare.rb
 #   PARTS=fluentd,write_path LINES=20000 ROUNDS=1 ruby bench/compare.rb      (a small run)
 #
-# It has four parts (PARTS picks them), each printing a table, then a summary of one line per
+# It has five parts (PARTS picks them), each printing a table, then a summary of one line per
 # figure the performance goals are stated in.
 #
 # fluentd (real fluentd processes, `--no-supervisor`, so the process measured is the worker),
