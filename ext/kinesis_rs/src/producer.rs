@@ -81,7 +81,10 @@ impl RbProducer {
     /// Builds the client (credentials providers, TLS) on the runtime, without the GVL.
     fn new(ruby: &Ruby, options: RHash) -> Result<Self, Error> {
         let config = producer_config(ruby, options)?;
-        let built = nogvl::run(ruby, &*rt(ruby)?, Producer::new(config))?;
+        let rt = rt(ruby)?;
+        #[cfg(target_os = "linux")]
+        crate::alloc::release_idle_blocks_on(&rt);
+        let built = nogvl::run(ruby, &rt, Producer::new(config))?;
         let producer = built.map_err(|e| error(ruby, "ConfigurationError", e))?;
         Ok(RbProducer {
             inner: Mutex::new(Some(Arc::new(producer))),
