@@ -17,8 +17,10 @@
 //! take them: the smallest one that fits (its tail split off and kept if it is large itself),
 //! or else the largest, grown in place or moved by the kernel without copying. What does not fit
 //! under the bound is unmapped at once. Every large allocation takes a kept block when there is
-//! one, so a fresh mapping is made only when none is kept: what is kept stays within what was
-//! in use at once before, and peak RSS does not grow. A kept block not taken again for one to
+//! one, so a fresh mapping is made only when none is kept. A kept block's pages are all resident
+//! even where its next use writes fewer of them (a fresh mapping's unwritten pages are not), so
+//! peak RSS can grow: in one real-fluentd bench round it was 122.6 MiB against 110.6 without
+//! kept blocks (fluent-plugin-kinesis: 116.4 to 120.6). A kept block not taken again for one to
 //! two `IDLE` periods is unmapped by a task on the runtime (`release_idle_blocks`), so an idle
 //! fluentd holds none.
 
