@@ -517,6 +517,36 @@ fn json_value(
     Ok(())
 }
 
+/// Writes the record whose map header (`n` entries) was just read as JSON, reading its entries
+/// as it goes: what [`write_formatted`] writes for it when nothing is injected.
+fn json_record<'a>(
+    r: &mut Reader<'a>,
+    n: usize,
+    out: &mut Vec<u8>,
+    st: &mut Utf8State<'a>,
+    add_newline: bool,
+) -> Result<(), FormatError> {
+    out.push(b'{');
+    for i in 0..n {
+        if i > 0 {
+            out.push(b',');
+        }
+        let key = match r.head()? {
+            Head::Str(k) | Head::Bin(k) => k,
+            _ => return Err(needs_ruby("a record key is not a string")),
+        };
+        json_text(out, key, st, Site::Name);
+        out.push(b':');
+        st.field = key;
+        json_value(r, out, 0, st)?;
+    }
+    out.push(b'}');
+    if add_newline {
+        out.push(b'\n');
+    }
+    Ok(())
+}
+
 /// Re-packs the value at the reader as Ruby's msgpack would after unpacking it (smallest
 /// encodings, floats as float64).
 fn msgpack_value(r: &mut Reader, out: &mut Vec<u8>, depth: usize) -> Result<(), FormatError> {
@@ -600,6 +630,18 @@ pub fn format_chunk(
     tag: Option<&str>,
     skip: &dyn Fn(u32) -> bool,
 ) -> Result<FormattedChunk, FormatError> {
+    format_events(spec, chunk, tag, skip, true)
+}
+
+/// [`format_chunk`]; `single_pass`: whether the common JSON configuration may be formatted in
+/// one pass (false only to test that both paths agree).
+fn format_events(
+    spec: &FormatSpec,
+    chunk: &[u8],
+    tag: Option<&str>,
+    skip: &dyn Fn(u32) -> bool,
+    single_pass: bool,
+) -> Result<FormattedChunk, FormatError> {
     let mut out = FormattedChunk {
         batch: RecordBatch::with_capacity(chunk.len() / 64, chunk.len() + chunk.len() / 4),
         ..Default::default()
@@ -611,6 +653,20 @@ pub fn format_chunk(
     let mut entries: Vec<Entry> = Vec::with_capacity(16);
     let mut scratch: Vec<u8> = Vec::new();
     let mut event: u32 = 0;
+    // Some(add_newline): records are formatted in one pass (see below).
+    let json_single_pass = match spec.format {
+        DataFormat::Json { add_newline }
+            if single_pass
+                && spec.inject.is_empty()
+                && spec.data_key.is_none()
+                && spec.partition_key_field.is_none()
+                && spec.explicit_hash_key_field.is_none()
+                && spec.compression == Compression::None =>
+        {
+            Some(add_newline)
+        }
+        _ => None,
+    };
     while !r.at_end() {
         let index = event;
         event += 1;
@@ -645,8 +701,27 @@ pub fn format_chunk(
                 continue;
             }
         };
+        // The common configuration (JSON, nothing injected, no key fields) is formatted while the
+        // record is read. Any error there (a value Ruby must format, corrupt MessagePack) undoes
+        // the record and reads it again below, which fails the chunk with the two-pass path's
+        // error: the first one in its order (keys, then values).
+        let mut single_pass = None;
+        if let Some(add_newline) = json_single_pass {
+            let start = out.batch.mark();
+            let body = r.pos;
+            let target = out.batch.buffer();
+            let data_from = target.len();
+            let mut st = Utf8State::new(spec.invalid_utf8);
+            if json_record(&mut r, n, target, &mut st, add_newline).is_ok() {
+                single_pass = Some((start, data_from, st));
+            } else {
+                out.batch.abandon(start);
+                r.pos = body;
+            }
+        }
         entries.clear();
-        for _ in 0..n {
+        let unread = if single_pass.is_some() { 0 } else { n };
+        for _ in 0..unread {
             let key = match r.head()? {
                 Head::Str(k) | Head::Bin(k) => k,
                 _ => return Err(needs_ruby("a record key is not a string")),
@@ -731,18 +806,33 @@ pub fn format_chunk(
             }
         };
 
-        let start = out.batch.mark();
+        let single_pass_done = single_pass.is_some();
+        let (start, data_from, mut st) = match single_pass {
+            Some(done) => done,
+            None => (
+                out.batch.mark(),
+                if spec.compression == Compression::None {
+                    out.batch.buffer().len()
+                } else {
+                    0
+                },
+                Utf8State::new(spec.invalid_utf8),
+            ),
+        };
         let target: &mut Vec<u8> = if spec.compression == Compression::None {
             out.batch.buffer()
         } else {
             scratch.clear();
             &mut scratch
         };
-        let data_from = target.len();
-        let mut st = Utf8State::new(spec.invalid_utf8);
         // Ok(false): data_key is missing or nil, which the anchor reports as a missing key.
         let formatted: Result<bool, FormatError> = (|| {
-            if let Some(dk) = &spec.data_key {
+            if single_pass_done {
+                if spec.chomp_record {
+                    chomp(target, data_from);
+                }
+                Ok(true)
+            } else if let Some(dk) = &spec.data_key {
                 match field(dk) {
                     Some(mut v) => {
                         Ok(to_s(v.head()?, target, &format!("data_key field '{dk}'"))?.is_some())
@@ -1310,6 +1400,136 @@ mod tests {
             let back: String = serde_json::from_slice(&out).expect("valid JSON");
             proptest::prop_assert_eq!(back, String::from_utf8_lossy(&bytes));
             proptest::prop_assert_eq!(st.scrubbed, std::str::from_utf8(&bytes).is_err());
+        }
+    }
+
+    /// A MessagePack value for the single-pass test: every kind fluentd's chunks can hold, and
+    /// some they should not (NaN, extension values, non-string keys, invalid UTF-8).
+    fn msgpack_value_strategy() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let text = proptest::collection::vec(
+            prop_oneof![
+                4 => proptest::sample::select(b"ab \"\\\n/".to_vec()),
+                1 => proptest::sample::select(vec![0x00u8, 0x1f, 0x7f, 0x80, 0xc3, 0xa9, 0xe2, 0xff]),
+            ],
+            0..12,
+        );
+        let leaf = prop_oneof![
+            Just(vec![0xc0]),
+            any::<bool>().prop_map(|b| vec![if b { 0xc3 } else { 0xc2 }]),
+            any::<i64>().prop_map(|v| {
+                let mut o = Vec::new();
+                pack_int(&mut o, v);
+                o
+            }),
+            prop_oneof![
+                Just(f64::NAN),
+                Just(1.5),
+                Just(-0.0),
+                Just(1e300),
+                any::<f64>()
+            ]
+            .prop_map(|f| {
+                let mut o = vec![0xcb];
+                o.extend_from_slice(&f.to_be_bytes());
+                o
+            }),
+            text.clone().prop_map(|t| {
+                let mut o = Vec::new();
+                pack_str(&mut o, &t);
+                o
+            }),
+            text.clone().prop_map(|t| {
+                let mut o = vec![0xc4, t.len() as u8];
+                o.extend_from_slice(&t);
+                o
+            }),
+            Just(vec![0xd4, 0x01, 0x00]),
+        ];
+        leaf.prop_recursive(3, 24, 4, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(|vs| {
+                    let mut o = Vec::new();
+                    pack_container(&mut o, vs.len(), 0x90, 0xdc);
+                    vs.concat().into_iter().for_each(|b| o.push(b));
+                    o
+                }),
+                proptest::collection::vec((text.clone(), inner), 0..4).prop_map(|kvs| {
+                    let mut o = Vec::new();
+                    pack_container(&mut o, kvs.len(), 0x80, 0xde);
+                    for (k, v) in kvs {
+                        pack_str(&mut o, &k);
+                        o.extend_from_slice(&v);
+                    }
+                    o
+                }),
+            ]
+        })
+    }
+
+    /// A record key: a string (some with escapes or invalid UTF-8), or now and then an integer.
+    fn record_key_strategy() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            8 => proptest::collection::vec(proptest::sample::select(b"kA\"\xff".to_vec()), 0..4)
+                .prop_map(|k| {
+                    let mut o = Vec::new();
+                    pack_str(&mut o, &k);
+                    o
+                }),
+            1 => Just(vec![0x01u8]),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The single-pass JSON path formats, refuses and fails exactly as the two-pass path:
+        /// records with keys that are not strings, values Ruby must format, invalid UTF-8 in
+        /// either mode, records that are not maps, and chunks cut short.
+        #[test]
+        fn single_pass_json_matches_two_passes(
+            records in proptest::collection::vec(
+                (
+                    proptest::collection::vec(
+                        (
+                            record_key_strategy(),
+                            msgpack_value_strategy(),
+                        ),
+                        0..5,
+                    ),
+                    0..12u8,
+                ),
+                0..6,
+            ),
+            cut in 0..40usize,
+            add_newline in proptest::bool::ANY,
+            chomp_record in proptest::bool::ANY,
+            refuse in proptest::bool::ANY,
+            max_data_bytes in proptest::prop_oneof![proptest::strategy::Just(1024usize * 1024), 0..40usize],
+        ) {
+            let mut chunk = Vec::new();
+            for (fields, shape) in &records {
+                chunk.extend_from_slice(&[0x92, 0xd7, 0x00, 0, 0, 0, 1, 0, 0, 0, 0]);
+                if *shape == 0 {
+                    chunk.push(0xc0); // not a map
+                    continue;
+                }
+                pack_container(&mut chunk, fields.len(), 0x80, 0xde);
+                for (k, v) in fields {
+                    chunk.extend_from_slice(k);
+                    chunk.extend_from_slice(v);
+                }
+            }
+            if cut < 4 {
+                chunk.truncate(chunk.len().saturating_sub(cut));
+            }
+            let mut s = spec(DataFormat::Json { add_newline });
+            s.chomp_record = chomp_record;
+            s.max_data_bytes = max_data_bytes;
+            s.invalid_utf8 = if refuse { InvalidUtf8::Refuse } else { InvalidUtf8::Replace };
+            let skip = |i: u32| i == 2;
+            let one = format_events(&s, &chunk, None, &skip, true);
+            let two = format_events(&s, &chunk, None, &skip, false);
+            proptest::prop_assert_eq!(format!("{one:?}"), format!("{two:?}"));
         }
     }
 
