@@ -624,11 +624,13 @@ def report_fluentd_cpu(ctx, series)
   ]
   every = series.select { |_, runs| runs.is_a?(Array) }
                 .map { |name, runs| "#{name} #{runs.map { |r| Bench.fmt(cpu_us(r), 1) }.join(", ")}" }.join("; ")
+  every_rss = series.select { |_, runs| runs.is_a?(Array) }
+                    .map { |name, runs| "#{name} #{runs.map { |r| Bench.fmt(r["vm_hwm_kib"] / 1024.0, 1) }.join(", ")}" }.join("; ")
   Bench.table("fluentd in_tail (apache2) -> output: CPU and memory, #{Bench.fmt(Bench::LINES)} lines, " \
               "median of #{Bench::ROUNDS} round(s)", columns, rows,
               ["CPU = the fluentd process's utime+stime from the log's append to the last line delivered (read and flushed for the floors); " \
                "above floor+buffer = median over the rounds of the run's CPU minus its round's floor+buffer's",
-               "every round, CPU µs per record: #{every}", *Bench.skipped_notes(series)])
+               "every round, CPU µs per record: #{every}", "every round, peak RSS MiB: #{every_rss}", *Bench.skipped_notes(series)])
   ours = above_buffered_floor(series, "ours")
   anchor = above_buffered_floor(series, "anchor")
   ctx.summary << "(a) fluentd CPU µs per record: " + Bench.per_column(series) { |runs| Bench.median(runs.map { |r| cpu_us(r) }) } +

@@ -66,6 +66,55 @@ class TestDelivery < Test::Unit::TestCase
     assert_equal bits(40, 0...40), Native.read_progress(path, CHUNK_ID)
   end
 
+  test "a chunk is formatted where Ruby keeps it: unchanged, writable again after, and errors raise at start" do
+    stream = @kinesis.create_stream(@kinesis.unique_stream("delivery"), 1)
+    data = chunk(30)
+    before = data.dup
+    delivery = @producer.start_chunk(stream, @formatter, data, "t", nil, nil, CHUNK_ID, Time.now.to_f)
+    assert_equal before, data
+    data << "more" # raises if the extension left the string locked
+    assert_equal 30, delivery.wait["delivered_count"]
+    assert_equal (0...30).to_a, read_seqs(stream)
+
+    frozen = chunk(3).freeze
+    assert_equal 3, @producer.start_chunk(stream, @formatter, frozen, "t", nil, nil, CHUNK_ID, Time.now.to_f).wait["delivered_count"]
+
+    cut = chunk(5)[0...-2]
+    assert_raise(FluentPluginKinesisRs::CorruptChunkError) do
+      @producer.start_chunk(stream, @formatter, cut, "t", nil, nil, CHUNK_ID, Time.now.to_f)
+    end
+    cut << "x"
+    nan = chunk(2) + [1_700_000_000, { "seq" => Float::NAN }].to_msgpack
+    assert_raise(FluentPluginKinesisRs::NeedsRubyFormattingError) do
+      @producer.start_chunk(stream, @formatter, nan, "t", nil, nil, CHUNK_ID, Time.now.to_f)
+    end
+    nan << "x"
+    assert_equal ((0...30).to_a + (0...3).to_a).sort, read_seqs(stream), "nothing of the failed chunks was sent"
+  end
+
+  test "a chunk's string cannot be modified while it is formatted, and modifying it after is harmless" do
+    stream = @kinesis.create_stream(@kinesis.unique_stream("delivery"), 4)
+    data = chunk(200_000)
+    locked = 0
+    writer = Thread.new do
+      200.times do
+        data << ""
+        data.setbyte(data.bytesize - 1, data.getbyte(data.bytesize - 1))
+      rescue RuntimeError => e
+        raise unless e.message.include?("locked")
+        locked += 1
+      end
+    end
+    delivery = @producer.start_chunk(stream, @formatter, data, "t", nil, nil, CHUNK_ID, Time.now.to_f)
+    data.replace("gone") # the delivery holds its own formatted records
+    writer.join
+    assert_equal 200_000, delivery.wait["delivered_count"]
+    seqs = read_seqs(stream)
+    assert_equal 200_000, seqs.size
+    assert_equal (0...200_000).to_a, seqs
+    puts "\n(writer attempts refused while the chunk was formatted: #{locked} of 200)"
+  end
+
   test "progress files: missing is nil, damaged or another chunk's is an error, removal is idempotent" do
     path = File.join(@dir, "buffer.p0789.log.kinesis-progress")
     assert_nil Native.read_progress(path, CHUNK_ID)

@@ -1,13 +1,13 @@
-//! One fluentd buffer chunk, start to finish: format its events, skip those an earlier attempt
-//! already delivered, deliver the rest, keep the progress as responses arrive, and report per
-//! event.
+//! One fluentd buffer chunk, start to finish: deliver its user records (formatted by the caller,
+//! which skipped the events an earlier attempt delivered), keep the progress as responses
+//! arrive, and report per event.
 
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::batch::RecordBatch;
 use crate::cancel::{on_drop, CancelToken};
-use crate::chunk::{format_chunk, FormatError, FormatSpec};
+use crate::chunk::FormattedChunk;
 use crate::error::Failure;
 use crate::producer::{Counters, Producer, RecordStatus};
 use crate::progress::ProgressFile;
@@ -62,12 +62,9 @@ impl ChunkOutcome {
 
 /// What to deliver for one chunk.
 pub enum Job {
-    /// The chunk's bytes in fluentd's standard format, formatted here.
-    Chunk {
-        spec: Arc<FormatSpec>,
-        chunk: Vec<u8>,
-        tag: Option<String>,
-    },
+    /// The chunk's events formatted by [`crate::chunk::format_chunk`] (which the caller runs
+    /// where the chunk's bytes are, so they need not be copied).
+    Formatted(FormattedChunk),
     /// User records formatted by the plugin (fluentd's formatter); `events[i]` is the chunk
     /// event of record `i`.
     Records {
@@ -86,7 +83,7 @@ pub struct Delivery {
     /// Fired to stop starting new requests (the waiter was killed): in-flight ones finish.
     stop: CancelToken,
     finished: CancelToken,
-    result: Mutex<Option<Result<ChunkOutcome, FormatError>>>,
+    result: Mutex<Option<ChunkOutcome>>,
     progress: Arc<Progress>,
 }
 
@@ -118,14 +115,14 @@ impl Progress {
 
 impl Delivery {
     /// Starts delivering `job` on `runtime`. `previously`: events an earlier attempt delivered
-    /// or refused, which are skipped. `file`: where to persist progress (file buffers).
+    /// or refused (the job has none of them). `file`: where to persist progress (file buffers).
     /// `arrived`: when the chunk was created (its events' arrival, for the BufferingTime metric).
     pub fn start(
         runtime: &tokio::runtime::Runtime,
         producer: Arc<Producer>,
         stream: String,
         job: Job,
-        previously: Option<EventBits>,
+        previously: Option<&EventBits>,
         file: Option<ProgressFile>,
         arrived: SystemTime,
     ) -> Arc<Delivery> {
@@ -134,7 +131,7 @@ impl Delivery {
             finished: CancelToken::new(),
             result: Mutex::new(None),
             progress: Arc::new(Progress {
-                bits: Mutex::new(previously.clone().unwrap_or_default()),
+                bits: Mutex::new(previously.cloned().unwrap_or_default()),
                 file,
                 file_error: Mutex::new(None),
             }),
@@ -143,22 +140,19 @@ impl Delivery {
         runtime.spawn(async move {
             // Fires even if the delivery panics, so its waiter is never left waiting.
             let _finished = on_drop(|| d.finished.cancel());
-            let previously = previously.as_ref();
             let target = Target {
                 producer: &producer,
                 stream: &stream,
                 arrived,
             };
             let result = match job {
-                Job::Chunk { spec, chunk, tag } => {
-                    deliver_chunk(&target, &spec, chunk, tag.as_deref(), previously, &d).await
-                }
+                Job::Formatted(formatted) => deliver_formatted(&target, formatted, &d).await,
                 Job::Records {
                     batch,
                     events,
                     event_count,
                     refused,
-                } => Ok(deliver_records(&target, batch, &events, event_count, refused, &d).await),
+                } => deliver_records(&target, batch, &events, event_count, refused, &d).await,
             };
             *d.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
         });
@@ -181,7 +175,7 @@ impl Delivery {
     }
 
     /// The result, once: `None` before the delivery finished or after it was taken.
-    pub fn take_result(&self) -> Option<Result<ChunkOutcome, FormatError>> {
+    pub fn take_result(&self) -> Option<ChunkOutcome> {
         self.result.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
@@ -211,20 +205,12 @@ struct Target<'a> {
     arrived: SystemTime,
 }
 
-/// Formats and delivers a chunk in fluentd's standard format. `FormatError::NeedsRuby` means the
-/// plugin must format this chunk itself and deliver [`Job::Records`].
-async fn deliver_chunk(
+/// Delivers a chunk's records formatted by `format_chunk`.
+async fn deliver_formatted(
     target: &Target<'_>,
-    spec: &FormatSpec,
-    chunk: Vec<u8>,
-    tag: Option<&str>,
-    previously: Option<&EventBits>,
+    formatted: FormattedChunk,
     delivery: &Delivery,
-) -> Result<ChunkOutcome, FormatError> {
-    let skip = |i: u32| previously.is_some_and(|p| p.get(i));
-    let formatted = format_chunk(spec, &chunk, tag, &skip)?;
-    // The records are formatted: the chunk's bytes are not needed while they are delivered.
-    drop(chunk);
+) -> ChunkOutcome {
     let scrubbed = formatted.scrubbed;
     let mut outcome = deliver_records(
         target,
@@ -236,7 +222,7 @@ async fn deliver_chunk(
     )
     .await;
     outcome.counters.scrubbed += u64::from(scrubbed);
-    Ok(outcome)
+    outcome
 }
 
 /// Delivers user records already formatted; `events[i]` is the chunk event of record `i`.

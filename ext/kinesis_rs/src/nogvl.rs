@@ -1,8 +1,9 @@
 //! Waiting for work on the runtime without Ruby's GVL, and letting Ruby handle its interrupts.
 //!
-//! The work itself (formatting, aggregation, network) runs on the process-wide tokio runtime;
-//! the calling Ruby thread only waits for it, inside `rb_thread_call_without_gvl2`, so fluentd's
-//! other threads keep running. Ruby calls the unblock function for many reasons: a signal, a
+//! The work itself (aggregation, network) runs on the process-wide tokio runtime; the calling
+//! Ruby thread only waits for it, inside `rb_thread_call_without_gvl2`, so fluentd's other
+//! threads keep running. (Formatting a chunk runs on the calling thread itself, also without
+//! the GVL: see [`compute`].) Ruby calls the unblock function for many reasons: a signal, a
 //! `Thread#wakeup` (fluentd's stop sequence does that to every sleeping plugin thread),
 //! `Thread#raise`, `Thread#kill`. None of them is a cancellation: the unblock function only ends
 //! the *wait*, the interrupt is processed with the GVL held (`rb_thread_check_ints` under
@@ -115,6 +116,23 @@ pub fn wait(
             on_abandon();
             return Err(e);
         }
+    }
+}
+
+/// Runs CPU-bound `work` on this thread without the GVL, so fluentd's other threads run
+/// meanwhile. `work` is not interruptible: an interrupt arriving during it is processed by Ruby
+/// after it returns. One already pending is processed first; if it raises, `work` does not run.
+pub fn compute<T>(ruby: &Ruby, work: impl FnOnce() -> T) -> Result<T, Error> {
+    let mut work = Some(work);
+    let mut out = None;
+    loop {
+        let wake = CancelToken::new();
+        call_without_gvl(&wake, || out = work.take().map(|w| w()))
+            .map_err(|m| internal_error(ruby, &m))?;
+        if let Some(value) = out.take() {
+            return Ok(value);
+        }
+        ruby.thread_check_ints()?;
     }
 }
 

@@ -1,18 +1,20 @@
 //! `FluentPluginKinesisRs::Native::Producer`, `::Formatter` and `::Delivery`.
 //!
-//! Ruby values are converted to Rust data first; the work (formatting, aggregation, network)
-//! runs as a task on the process-wide tokio runtime, which the Ruby thread waits for without the
-//! GVL (see `nogvl`); results become Ruby values after the GVL is back.
+//! Ruby values are converted to Rust data first (a chunk is formatted where Ruby keeps it,
+//! without the GVL); the rest of the work (aggregation, network) runs as a task on the
+//! process-wide tokio runtime, which the Ruby thread waits for without the GVL (see `nogvl`);
+//! results become Ruby values after the GVL is back.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use magnus::rb_sys::AsRawValue;
 use magnus::{prelude::*, Error, RArray, RHash, RModule, RString, Ruby, TryConvert};
 use tokio::runtime::Runtime;
 
 use kinesis_core::batch::RecordBatch;
-use kinesis_core::chunk::{FormatError, FormatSpec};
+use kinesis_core::chunk::{format_chunk, FormatError, FormatSpec, FormattedChunk};
 use kinesis_core::delivery::{ChunkOutcome, Delivery, EventBits, Job};
 use kinesis_core::hashkey::parse_explicit_hash_key;
 use kinesis_core::producer::Producer;
@@ -41,6 +43,34 @@ fn rt(ruby: &Ruby) -> Result<Arc<Runtime>, Error> {
 fn bytes_of(s: RString) -> Vec<u8> {
     // SAFETY: the GVL is held and the slice is copied before any Ruby code can run.
     unsafe { s.as_slice() }.to_vec()
+}
+
+/// Formats a chunk's events (skipping those `previously` handled) on this thread without the
+/// GVL, reading the bytes where Ruby keeps them rather than copying them: the string is locked
+/// (Ruby code that would modify it raises instead) and referenced from this frame and the
+/// caller's, so it is neither freed nor moved meanwhile.
+fn format_in_place(
+    ruby: &Ruby,
+    spec: &FormatSpec,
+    chunk: RString,
+    tag: Option<&str>,
+    previously: Option<&EventBits>,
+) -> Result<FormattedChunk, Error> {
+    let raw = chunk.as_raw();
+    // SAFETY: `raw` is a live String; rb_str_locktmp raises (caught by protect) if it is locked.
+    magnus::rb_sys::protect(|| unsafe { rb_sys::rb_str_locktmp(raw) })?;
+    // SAFETY: the string is locked, so its bytes stay where they are until it is unlocked.
+    let bytes = unsafe { chunk.as_slice() };
+    let skip = |i: u32| previously.is_some_and(|p| p.get(i));
+    let result = nogvl::compute(ruby, || format_chunk(spec, bytes, tag, &skip));
+    // SAFETY: locked above; unlocking cannot raise (this thread holds the lock).
+    unsafe { rb_sys::rb_str_unlocktmp(raw) };
+    std::hint::black_box(chunk);
+    match result? {
+        Ok(formatted) => Ok(formatted),
+        Err(FormatError::NeedsRuby(why)) => Err(error(ruby, "NeedsRubyFormattingError", why)),
+        Err(e @ FormatError::Corrupt(_)) => Err(error(ruby, "CorruptChunkError", e.to_string())),
+    }
 }
 
 /// Where a chunk's progress is persisted: `[path, chunk_id]` from the plugin, or nil.
@@ -82,8 +112,6 @@ impl RbProducer {
     fn new(ruby: &Ruby, options: RHash) -> Result<Self, Error> {
         let config = producer_config(ruby, options)?;
         let rt = rt(ruby)?;
-        #[cfg(target_os = "linux")]
-        crate::alloc::release_idle_blocks_on(&rt);
         let built = nogvl::run(ruby, &rt, Producer::new(config))?;
         let producer = built.map_err(|e| error(ruby, "ConfigurationError", e))?;
         Ok(RbProducer {
@@ -126,13 +154,22 @@ impl RbProducer {
         chunk_id: RString,
         created_at: f64,
     ) -> Result<RbDelivery, Error> {
-        let job = Job::Chunk {
-            spec: formatter.spec.clone(),
-            chunk: bytes_of(chunk),
-            tag,
-        };
+        let previously = previously.map(|p| EventBits(bytes_of(p)));
+        let formatted = format_in_place(
+            ruby,
+            &formatter.spec,
+            chunk,
+            tag.as_deref(),
+            previously.as_ref(),
+        )?;
         rb_self.start(
-            ruby, stream, job, previously, progress, chunk_id, created_at,
+            ruby,
+            stream,
+            Job::Formatted(formatted),
+            previously,
+            progress,
+            chunk_id,
+            created_at,
         )
     }
 
@@ -178,7 +215,13 @@ impl RbProducer {
             refused,
         };
         rb_self.start(
-            ruby, stream, job, previously, progress, chunk_id, created_at,
+            ruby,
+            stream,
+            job,
+            previously.map(|p| EventBits(bytes_of(p))),
+            progress,
+            chunk_id,
+            created_at,
         )
     }
 
@@ -188,13 +231,12 @@ impl RbProducer {
         ruby: &Ruby,
         stream: String,
         job: Job,
-        previously: Option<RString>,
+        previously: Option<EventBits>,
         progress: Option<String>,
         chunk_id: RString,
         created_at: f64,
     ) -> Result<RbDelivery, Error> {
         let producer = self.producer(ruby)?;
-        let previously = previously.map(|p| EventBits(bytes_of(p)));
         let file = progress_file(progress, chunk_id);
         let rt = rt(ruby)?;
         // The chunk's creation time (Unix seconds): when its events arrived in the buffer.
@@ -203,7 +245,15 @@ impl RbProducer {
         } else {
             SystemTime::now()
         };
-        let delivery = Delivery::start(&rt, producer, stream, job, previously, file, arrived);
+        let delivery = Delivery::start(
+            &rt,
+            producer,
+            stream,
+            job,
+            previously.as_ref(),
+            file,
+            arrived,
+        );
         Ok(RbDelivery { inner: delivery })
     }
 
@@ -312,13 +362,7 @@ impl RbDelivery {
                 "the delivery ended without a result: it panicked, or its result was already taken",
             )),
             None => Err(nogvl::internal_error(ruby, "the delivery has not finished")),
-            Some(Ok(outcome)) => outcome_hash(ruby, &outcome, d.progress_file_error()),
-            Some(Err(FormatError::NeedsRuby(why))) => {
-                Err(error(ruby, "NeedsRubyFormattingError", why))
-            }
-            Some(Err(e @ FormatError::Corrupt(_))) => {
-                Err(error(ruby, "CorruptChunkError", e.to_string()))
-            }
+            Some(outcome) => outcome_hash(ruby, &outcome, d.progress_file_error()),
         }
     }
 

@@ -666,8 +666,8 @@ module Fluent
             begin
               data = chunk.read
               delivery = @producer.start_chunk(stream, @native_formatter, data, tag, previously, progress, uid, created)
-              # A file chunk's read is a fresh copy, copied again by the extension: free it now, not
-              # at the next GC (a memory chunk's read is the chunk itself).
+              # The extension has formatted the bytes (in place). A file chunk's read is a fresh
+              # copy: free it now, not at the next GC (a memory chunk's read is the chunk itself).
               data.clear if @buffer.persistent?
               return collect(chunk, chunk_id, tag, delivery)
             rescue FluentPluginKinesisRs::NeedsRubyFormattingError => e
