@@ -19,8 +19,23 @@ struct Open<T> {
     bytes: usize,
     /// When the first item came in.
     since: Option<Instant>,
+    /// When items last came in.
+    last: Option<Instant>,
     /// Changes each time the open call is taken: a waiter holding an older number lost the race.
     generation: u64,
+}
+
+/// What [`Pipe::holds`] reports of the open call.
+#[derive(Debug, Clone, Copy)]
+pub struct Held {
+    /// When its first item came in.
+    pub since: Instant,
+    /// When items last came in.
+    pub last: Instant,
+    /// Its generation, for [`Pipe::take`].
+    pub generation: u64,
+    /// How many of its items are the caller's.
+    pub mine: usize,
 }
 
 /// Limits of one call.
@@ -37,6 +52,7 @@ impl<T> Default for Pipe<T> {
                 items: Vec::new(),
                 bytes: 0,
                 since: None,
+                last: None,
                 generation: 0,
             }),
         }
@@ -53,6 +69,7 @@ impl<T> Pipe<T> {
         limits: CallLimits,
         close: bool,
     ) -> Vec<Vec<T>> {
+        let now = Instant::now();
         let mut open = self.lock();
         let mut full = Vec::new();
         for item in items {
@@ -63,8 +80,9 @@ impl<T> Pipe<T> {
                 full.push(open.take());
             }
             if open.items.is_empty() {
-                open.since = Some(Instant::now());
+                open.since = Some(now);
             }
+            open.last = Some(now);
             open.bytes += n;
             open.items.push(item);
             if open.items.len() >= limits.max_entries || open.bytes >= limits.max_bytes {
@@ -77,13 +95,18 @@ impl<T> Pipe<T> {
         full
     }
 
-    /// When the open call got its first item, its generation, and how many of its items `mine`
-    /// says are the caller's, if any is.
-    pub fn holds(&self, mine: impl Fn(&T) -> bool) -> Option<(Instant, u64, usize)> {
+    /// The open call's times and generation, and how many of its items `mine` says are the
+    /// caller's, if any is.
+    pub fn holds(&self, mine: impl Fn(&T) -> bool) -> Option<Held> {
         let open = self.lock();
-        let since = open.since?;
-        let n = open.items.iter().filter(|i| mine(i)).count();
-        (n > 0).then_some((since, open.generation, n))
+        let (since, last) = (open.since?, open.last?);
+        let mine = open.items.iter().filter(|i| mine(i)).count();
+        (mine > 0).then_some(Held {
+            since,
+            last,
+            generation: open.generation,
+            mine,
+        })
     }
 
     /// Takes the open call if it is still `generation` and not empty.
@@ -107,6 +130,7 @@ impl<T> Open<T> {
     fn take(&mut self) -> Vec<T> {
         self.bytes = 0;
         self.since = None;
+        self.last = None;
         self.generation += 1;
         std::mem::take(&mut self.items)
     }
@@ -135,19 +159,32 @@ mod tests {
         let full = pipe.push(a, |i| i.1, LIMITS, false);
         assert_eq!(sizes(&full), vec![vec![10; 4]]);
         assert_eq!(pipe.waiting(), 2);
-        let (_, generation, mine) = pipe.holds(|i| i.0 == 'a').expect("a waits");
-        assert_eq!(mine, 2);
+        let held = pipe.holds(|i| i.0 == 'a').expect("a waits");
+        assert_eq!(held.mine, 2);
+        assert_eq!(held.since, held.last, "one push so far");
+        let (generation, a_since) = (held.generation, held.since);
         assert!(pipe.holds(|i| i.0 == 'b').is_none());
         // The next delivery's records fill the call that a's tail opened.
+        std::thread::sleep(std::time::Duration::from_millis(5));
         let full = pipe.push(vec![('b', 10); 3], |i| i.1, LIMITS, false);
         assert_eq!(full.len(), 1);
         assert_eq!(full[0].iter().map(|i| i.0).collect::<String>(), "aabb");
         assert_eq!(pipe.waiting(), 1);
         // a's waiter comes too late: the call it waited on was sent.
         assert!(pipe.take(generation).is_none());
-        let (_, generation, mine) = pipe.holds(|i| i.0 == 'b').unwrap();
-        assert_eq!(mine, 1);
-        assert_eq!(pipe.take(generation).unwrap(), vec![('b', 10)]);
+        let held = pipe.holds(|i| i.0 == 'b').unwrap();
+        assert_eq!(held.mine, 1);
+        assert!(held.since > a_since, "the new call opened with b's push");
+        // One more push into the open call: it keeps its first time and moves its last.
+        pipe.push(vec![('c', 10)], |i| i.1, LIMITS, false);
+        let later = pipe.holds(|i| i.0 == 'c').unwrap();
+        assert_eq!(later.since, held.since);
+        assert!(later.last >= held.last);
+        assert_eq!(later.generation, held.generation);
+        assert_eq!(
+            pipe.take(held.generation).unwrap(),
+            vec![('b', 10), ('c', 10)]
+        );
         assert_eq!(pipe.waiting(), 0);
     }
 

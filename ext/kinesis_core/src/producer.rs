@@ -26,7 +26,7 @@ use crate::error::{
 };
 use crate::hashkey::partition_key_hash;
 use crate::metrics::{Metrics, Name, Observations, Stats};
-use crate::pipe::{CallLimits, Pipe};
+use crate::pipe::{CallLimits, Held, Pipe};
 use crate::rate_limit::ShardRateLimiter;
 use crate::request_body;
 use crate::shard_map::{Shard, ShardMap};
@@ -776,8 +776,8 @@ impl Producer {
 
     /// Puts `records` in the destination's calls behind those of earlier deliveries and sends
     /// every call that is full, at most `concurrency` calls at once across all deliveries, each
-    /// retried on its own. The last, partial call waits up to `linger` for the next delivery's
-    /// records (not at all with `linger` 0, while draining, or once stopped); this delivery sends
+    /// retried on its own. The last, partial call waits for the next delivery's records (see
+    /// [`Producer::open_call_due`]; not at all with `linger` 0, while draining, or once stopped); this delivery sends
     /// it then, unless another filled and sent it first. Returns once every record is settled:
     /// delivered, failed, or (in `sink.misrouted`) landed on another shard than predicted.
     async fn send_packed(
@@ -804,12 +804,13 @@ impl Producer {
         futures::join!(sends, self.wait_settled(stream, &pipe, sink, on_delivered));
     }
 
-    /// How long a partial call of `stream` may wait for more records: the `linger` setting, or
-    /// with `linger_max` 1.5 times the recent interval between the stream's deliveries when that
-    /// is at most `linger_max` (never less than `linger`, and just `linger` while shards are at
-    /// their limit, see `held_back`); and at most a quarter of the delivery deadline, so that the
-    /// wait never eats the delivery's retries.
-    fn linger(&self, stream: &str) -> Duration {
+    /// When the partial call `held` of `stream` goes: `linger` after its first entry came in,
+    /// or, with `linger_max`, 1.5 times the recent interval between the stream's deliveries
+    /// after its latest entries came in, when that is at most `linger_max` (never less than
+    /// `linger`, never more than `linger_max` after the first entry, and just `linger` after it
+    /// while shards are at their limit, see `held_back`); in every case at most a quarter of the
+    /// delivery deadline after the first entry, so that the wait never eats the retries.
+    fn open_call_due(&self, stream: &str, held: &Held) -> Instant {
         let interval = self
             .arrivals
             .lock()
@@ -819,7 +820,7 @@ impl Producer {
         let held_back = *self.held_back.lock().unwrap_or_else(|p| p.into_inner());
         let at_limit =
             held_back.is_some_and(|t| t.elapsed() < self.config.linger_max.max(LIMIT_MEMORY));
-        linger_for(&self.config, interval.filter(|_| !at_limit))
+        open_call_due(&self.config, interval.filter(|_| !at_limit), held)
     }
 
     /// Notes that entries wait for their shard, or were throttled.
@@ -872,25 +873,28 @@ impl Producer {
             }
             let mut take = None;
             match pipe.holds(|e| Arc::ptr_eq(&e.sink, sink)) {
-                Some((_, generation, _)) if self.draining() || sink.stop.is_cancelled() => {
-                    take = Some(generation)
+                Some(held) if self.draining() || sink.stop.is_cancelled() => {
+                    take = Some(held.generation)
                 }
-                Some((since, generation, mine)) => {
+                // Checked on every pass: a delivery that added to the call since moved it.
+                Some(held) if Instant::now() >= self.open_call_due(stream, &held) => {
+                    take = Some(held.generation)
+                }
+                Some(held) => {
                     let drain = self.drain_started.notified();
                     let wanted = self.open_calls_wanted.notified();
                     // Asked to send open calls, a delivery sends this one only when nothing
                     // else of it is outstanding: one still waiting on calls in flight finishes
                     // without it, and fluentd then hands over the chunk that fills it.
-                    let only_the_open_call = sink.outstanding.load(Ordering::SeqCst) == mine;
+                    let only_the_open_call = sink.outstanding.load(Ordering::SeqCst) == held.mine;
+                    let due = self.open_call_due(stream, &held);
                     tokio::select! {
                         _ = &mut settled => {}
                         _ = taken.next(), if !taken.is_empty() => {}
-                        _ = tokio::time::sleep_until((since + self.linger(stream)).into()) => {
-                            take = Some(generation)
-                        }
-                        _ = drain => take = Some(generation),
-                        _ = wanted, if only_the_open_call => take = Some(generation),
-                        _ = sink.stop.cancelled() => take = Some(generation),
+                        _ = tokio::time::sleep_until(due.into()) => {}
+                        _ = drain => take = Some(held.generation),
+                        _ = wanted, if only_the_open_call => take = Some(held.generation),
+                        _ = sink.stop.cancelled() => take = Some(held.generation),
                     }
                 }
                 None => {
@@ -1627,17 +1631,22 @@ const LINGER_MARGIN: f64 = 1.5;
 /// only `linger` (at least; `linger_max` if longer).
 const LIMIT_MEMORY: Duration = Duration::from_secs(10);
 
-/// How long a partial call waits (see [`Producer::linger`]), given the smoothed interval
-/// between the stream's deliveries.
-fn linger_for(c: &ProducerConfig, interval: Option<Duration>) -> Duration {
-    let mut linger = c.linger;
+/// When the open call `held` goes (see [`Producer::open_call_due`]), given the smoothed
+/// interval between the stream's deliveries (`None` while unknown or while shards are at their
+/// limit).
+fn open_call_due(c: &ProducerConfig, interval: Option<Duration>, held: &Held) -> Instant {
+    let cap = held.since + c.deadline / 4;
     if let Some(gap) = interval.filter(|_| !c.linger_max.is_zero()) {
         let wait = gap.mul_f64(LINGER_MARGIN);
         if wait <= c.linger_max {
-            linger = linger.max(wait);
+            // Each delivery that adds to the call gives it another wait for the next one: on a
+            // steady stream whose chunks are smaller than a call, a call takes the tail of one
+            // chunk, all of the next and the head of the third.
+            let due = (held.last + wait.max(c.linger)).min(held.since + c.linger_max.max(c.linger));
+            return due.min(cap);
         }
     }
-    linger.min(c.deadline / 4)
+    (held.since + c.linger).min(cap)
 }
 
 /// When a stream's deliveries arrive (hand their records to the pipe).
@@ -1750,33 +1759,65 @@ mod tests {
     use super::*;
 
     #[test]
-    fn linger_follows_the_interval_between_deliveries_up_to_its_max() {
+    fn the_open_call_wait_follows_the_interval_between_deliveries_up_to_its_max() {
         let secs = Duration::from_secs_f64;
+        let t0 = Instant::now();
+        let held = |since: f64, last: f64| Held {
+            since: t0 + secs(since),
+            last: t0 + secs(last),
+            generation: 0,
+            mine: 1,
+        };
+        // The wait after one push, as an offset from it.
+        let wait = |c: &ProducerConfig, interval: Option<Duration>| {
+            open_call_due(c, interval, &held(0.0, 0.0)) - t0
+        };
         let mut c = ProducerConfig {
             linger: secs(1.0),
             deadline: secs(120.0),
             ..ProducerConfig::default()
         };
-        // Fixed: the interval does not matter.
-        assert_eq!(linger_for(&c, Some(secs(4.0))), secs(1.0));
-        c.linger_max = secs(10.0);
-        assert_eq!(linger_for(&c, None), secs(1.0), "no interval known yet");
+        // Fixed: the interval does not matter, nor do later pushes.
+        assert_eq!(wait(&c, Some(secs(4.0))), secs(1.0));
         assert_eq!(
-            linger_for(&c, Some(secs(0.2))),
+            open_call_due(&c, Some(secs(4.0)), &held(0.0, 0.9)) - t0,
             secs(1.0),
-            "never below linger"
+            "a fixed wait counts from the first entry"
         );
-        assert_eq!(linger_for(&c, Some(secs(4.0))), secs(6.0));
+        c.linger_max = secs(10.0);
+        assert_eq!(wait(&c, None), secs(1.0), "no interval known yet");
+        assert_eq!(wait(&c, Some(secs(0.2))), secs(1.0), "never below linger");
+        assert_eq!(wait(&c, Some(secs(4.0))), secs(6.0));
         assert_eq!(
-            linger_for(&c, Some(secs(8.0))),
+            wait(&c, Some(secs(8.0))),
             secs(1.0),
             "chunks too far apart: waiting would not fill the call"
         );
+        // Following the interval, each push into the call gives it another wait...
+        assert_eq!(
+            open_call_due(&c, Some(secs(1.0)), &held(0.0, 1.0)) - t0,
+            secs(2.5)
+        );
+        assert_eq!(
+            open_call_due(&c, Some(secs(0.2)), &held(0.0, 0.5)) - t0,
+            secs(1.5),
+            "never below linger after the last push"
+        );
+        // ...up to linger_max after the first.
+        assert_eq!(
+            open_call_due(&c, Some(secs(4.0)), &held(0.0, 8.0)) - t0,
+            secs(10.0)
+        );
         c.deadline = secs(16.0);
         assert_eq!(
-            linger_for(&c, Some(secs(4.0))),
+            wait(&c, Some(secs(4.0))),
             secs(4.0),
             "a quarter of the deadline"
+        );
+        assert_eq!(
+            open_call_due(&c, Some(secs(2.0)), &held(0.0, 3.0)) - t0,
+            secs(4.0),
+            "a quarter of the deadline after the first entry"
         );
 
         let t0 = Instant::now();

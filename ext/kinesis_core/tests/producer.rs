@@ -808,3 +808,46 @@ async fn every_put_records_signature_covers_the_body_sent() {
     );
     assert!(proxy.stats().signatures_invalid >= 1);
 }
+
+/// Following the interval, each delivery that adds to the partial call gives it another wait:
+/// deliveries of 150 records (less than a third of a call) 1 s apart fill calls of 500, each
+/// from the tail of one delivery, all of the next two and the head of a fourth. Counted from
+/// the call's first records only, the wait (1.5 s) would send each call with two deliveries'
+/// records, 300, before the third came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_call_keeps_waiting_while_deliveries_keep_filling_it() {
+    let k = Kinesalite::start();
+    let proxy = FaultProxy::start(&k.endpoint()).await;
+    let admin = support::client(&k.endpoint()).await;
+    let stream = support::unique_stream_name("linger-extends");
+    support::create_stream(&admin, &stream, 2).await;
+    let mut cfg = config(&proxy.endpoint(), KeyMode::RandomPerAggregate);
+    cfg.destination = Destination::Streams { aggregate: false };
+    cfg.linger = Duration::from_millis(500);
+    cfg.linger_max = Duration::from_secs(5);
+    let producer = std::sync::Arc::new(Producer::new(cfg).await.unwrap());
+    let mut running = Vec::new();
+    for d in 0..10 {
+        let (p, s) = (producer.clone(), stream.clone());
+        let b = distinct(150, &format!("every-1s-{d}"));
+        running.push(tokio::spawn(async move {
+            p.put(&s, &b, &all(b.len()), &go(), &|_| {}).await
+        }));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut requests = 0;
+    for h in running {
+        let o = h.await.unwrap();
+        assert_all_delivered(&o);
+        requests += o.counters.requests;
+    }
+    // The first delivery goes alone (no interval known yet); then 1,350 records: 500, 500, 350.
+    assert_eq!(
+        proxy.handle().stats().requests("PutRecords"),
+        4,
+        "calls the server saw"
+    );
+    assert_eq!(requests, 4, "calls the deliveries counted");
+    let seen = support::read_all(&admin, &stream).await;
+    assert_eq!(seen.len(), 1_500);
+}

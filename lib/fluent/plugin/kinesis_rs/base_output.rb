@@ -151,10 +151,12 @@ module Fluent
              "(as the KPL's RecordMaxBufferedTime). Chunks are then acknowledged to fluentd once all their records " \
              "are delivered (delayed commit), so several are delivered at once. It bounds only that last call's wait: " \
              "a full call goes at once, and a stop sends a waiting call at once. 0: each chunk on its own, written synchronously. " \
-             "auto (the default): 1.5 times the recent interval between chunks when that is at most 10 s, else 1 s " \
-             "(and 1 s while shards are at their limit: entries waited for their shard or were throttled in the last 10 s)."
+             "auto (the default): 1.5 times the recent interval between chunks when that is at most 10 s, else 1 s, " \
+             "counted from the last chunk that added records to the call and at most 10 s from its first " \
+             "(and 1 s from its first while shards are at their limit: entries waited for their shard or were throttled in the last 10 s)."
         config_param :record_max_buffered_time, :string, default: "auto"
-        desc "Chunks being delivered at once with record_max_buffered_time (default: flush_thread_count + 1)."
+        desc "Chunks being delivered at once with record_max_buffered_time (default: flush_thread_count + 2: " \
+             "a partial call can hold the tail of one chunk and all of the next while the third fills it)."
         config_param :max_chunks_in_flight, :integer, default: nil
         desc "Seconds one chunk's delivery may take, retries included, before fluentd retries it."
         config_param :delivery_timeout, :time, default: 120
@@ -218,7 +220,7 @@ module Fluent
                                   help_text: "#{self.class::SERVICE} #{name.tr("_", " ")}")]
           end
           log.info "#{self.class::PLUGIN_TYPE} is #{IMPLEMENTATION}"
-          @max_chunks_in_flight ||= @buffer_config.flush_thread_count + 1
+          @max_chunks_in_flight ||= @buffer_config.flush_thread_count + 2
           raise Fluent::ConfigError, "max_chunks_in_flight must be at least 1" if @max_chunks_in_flight < 1
           warn_if_anchor_installed
         end
