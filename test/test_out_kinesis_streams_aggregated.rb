@@ -159,6 +159,17 @@ class KinesisStreamsAggregatedOutputTest < Test::Unit::TestCase
     assert_false driver(config("s", "record_max_buffered_time 0")).instance.prefer_delayed_commit
   end
 
+  test "delayed commit defaults: three chunks in flight per flush thread, no 1 s pause between queued chunks" do
+    plugin = driver(config("s", "")).instance
+    assert_equal 3, plugin.instance_variable_get(:@max_chunks_in_flight)
+    assert_equal 0.05, plugin.buffer_config.flush_thread_burst_interval
+    plugin = driver(config("s", "<buffer>\n flush_thread_count 4\n flush_thread_burst_interval 2\n</buffer>")).instance
+    assert_equal 6, plugin.instance_variable_get(:@max_chunks_in_flight)
+    assert_equal 2.0, plugin.buffer_config.flush_thread_burst_interval, "a setting of the user's wins"
+    plugin = driver(config("s", "max_chunks_in_flight 1")).instance
+    assert_equal 1, plugin.instance_variable_get(:@max_chunks_in_flight)
+  end
+
   private
 
   def chunk_of(events, tag: "t")

@@ -292,15 +292,16 @@ pub fn plan(
 }
 
 /// Random 32-hex-character keys spread evenly over the map's shards: each is drawn at random
-/// until it hashes into the next shard in turn, from a random first one. A chunk's aggregates
-/// then load every shard alike (a throttled stream is as fast as its busiest shard) instead of
-/// as chance has it; every user record still hashes into the shard its aggregate lands on.
+/// until it hashes into the next shard in the map's turn ([`ShardMap::next_in_turn`], which
+/// consecutive chunks continue). The aggregates then load every shard alike (a throttled stream
+/// is as fast as its busiest shard) instead of as chance has it: when a chunk makes fewer
+/// aggregates than the stream has shards, the next chunk's go to the shards after them, not to
+/// a random few that may be the same. Every user record still hashes into the shard its
+/// aggregate lands on.
 fn balanced_random_keys(map: &ShardMap) -> impl FnMut() -> String + '_ {
     let shards = map.len().max(1);
-    let mut turn = rand::thread_rng().gen_range(0..shards);
     move || {
-        let want = turn;
-        turn = (turn + 1) % shards;
+        let want = map.next_in_turn();
         // A shard holding a tiny part of the hash range may take many draws: after 64 per
         // shard on average, any key does.
         (0..64 * shards)
@@ -604,7 +605,7 @@ mod tests {
     }
 
     /// Random keys per aggregate take the shards in turn, each key hashing into its shard, also
-    /// when the shards' hash ranges differ in size.
+    /// when the shards' hash ranges differ in size, and the turn goes on from chunk to chunk.
     #[test]
     fn random_keys_spread_aggregates_evenly_over_the_shards() {
         let bounds = [0u128, u128::MAX / 16, u128::MAX / 8, u128::MAX / 2];
@@ -648,6 +649,28 @@ mod tests {
             records.len(),
             "a fresh random key per aggregate"
         );
+
+        // The next chunks go on where this one stopped, on the same map or a clone of it: three
+        // chunks of one aggregate each take the next three shards, not three random ones.
+        let small: Vec<u32> = (0..5).collect();
+        let clone = map.clone();
+        let mut expected = records.last().unwrap().shard;
+        for m in [&map, &clone, &map] {
+            let (next, _) = plan(
+                &batch,
+                &small,
+                &KeyMode::RandomPerAggregate,
+                m,
+                &limits(10_000),
+            );
+            assert_eq!(next.len(), 1);
+            expected = (expected + 1) % 4;
+            assert_eq!(next[0].shard, expected, "the next chunk's shard");
+            assert_eq!(
+                map.index_of(partition_key_hash(&next[0].partition_key)),
+                expected
+            );
+        }
     }
 
     /// Firehose: one record each, or packed up to the record limit in order, with nothing lost or

@@ -1,5 +1,10 @@
 //! Which open shard of a stream owns a hash key.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use rand::Rng;
+
 /// One open shard and the hash keys it owns (inclusive at both ends).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Shard {
@@ -12,6 +17,8 @@ pub struct Shard {
 #[derive(Debug, Clone, Default)]
 pub struct ShardMap {
     shards: Vec<Shard>,
+    /// The rotation of [`ShardMap::next_in_turn`], shared by the map's clones.
+    turn: Arc<AtomicUsize>,
 }
 
 impl ShardMap {
@@ -28,7 +35,7 @@ impl ShardMap {
                 if i + 1 != shards.len() {
                     return Err("open shards overlap at the top of the hash key space".into());
                 }
-                return Ok(ShardMap { shards });
+                return Ok(ShardMap::with(shards));
             }
             next = s.end + 1;
         }
@@ -37,13 +44,27 @@ impl ShardMap {
 
     /// A map with one shard covering every hash key (used when a stream cannot be listed).
     pub fn whole(id: &str) -> Self {
+        ShardMap::with(vec![Shard {
+            id: id.to_string(),
+            start: 0,
+            end: u128::MAX,
+        }])
+    }
+
+    fn with(shards: Vec<Shard>) -> Self {
+        let first = rand::thread_rng().gen_range(0..shards.len().max(1));
         ShardMap {
-            shards: vec![Shard {
-                id: id.to_string(),
-                start: 0,
-                end: u128::MAX,
-            }],
+            shards,
+            turn: Arc::new(AtomicUsize::new(first)),
         }
+    }
+
+    /// The index of the next shard in turn, for an aggregate that may go to any shard: every
+    /// caller of this map (consecutive chunks too) takes the shards one after the other, from a
+    /// random first one, so the stream's shards are loaded alike over time, not only within one
+    /// chunk.
+    pub fn next_in_turn(&self) -> usize {
+        self.turn.fetch_add(1, Ordering::Relaxed) % self.shards.len().max(1)
     }
 
     pub fn len(&self) -> usize {

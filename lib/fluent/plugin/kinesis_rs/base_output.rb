@@ -142,6 +142,12 @@ module Fluent
         config_section :buffer do
           # The tag is needed by ${tag} placeholders, inject tag_key and tag-aware formatters.
           config_set_default :chunk_keys, ["tag"]
+          # fluentd waits this long between two flushes while chunks are queued (1 s by default),
+          # made for a write that returns when the chunk is delivered. With delayed commit,
+          # try_write returns as soon as the delivery starts, and max_chunks_in_flight is what
+          # holds the next one back: at 1 s, a backlog (after in_tail catches up, an outage, a
+          # restart) would drain at one chunk per second per flush thread.
+          config_set_default :flush_thread_burst_interval, 0.05
         end
 
         # --- new parameters ---
