@@ -622,10 +622,13 @@ def report_fluentd_cpu(ctx, series)
     row.("peak RSS MiB (VmHWM)", 1) { |runs| Bench.median(runs.map { |r| r["vm_hwm_kib"] / 1024.0 }) },
     row.("runs complete") { |runs| "#{runs.count { |r| r["complete"] }} of #{runs.size}" }
   ]
-  every = series.select { |_, runs| runs.is_a?(Array) }
-                .map { |name, runs| "#{name} #{runs.map { |r| Bench.fmt(cpu_us(r), 1) }.join(", ")}" }.join("; ")
-  every_rss = series.select { |_, runs| runs.is_a?(Array) }
-                    .map { |name, runs| "#{name} #{runs.map { |r| Bench.fmt(r["vm_hwm_kib"] / 1024.0, 1) }.join(", ")}" }.join("; ")
+  # Each measured column's value of every round, one decimal.
+  every_round = lambda do |value|
+    series.select { |_, runs| runs.is_a?(Array) }
+          .map { |name, runs| "#{name} #{runs.map { |r| Bench.fmt(value.(r), 1) }.join(", ")}" }.join("; ")
+  end
+  every = every_round.(->(r) { cpu_us(r) })
+  every_rss = every_round.(->(r) { r["vm_hwm_kib"] / 1024.0 })
   Bench.table("fluentd in_tail (apache2) -> output: CPU and memory, #{Bench.fmt(Bench::LINES)} lines, " \
               "median of #{Bench::ROUNDS} round(s)", columns, rows,
               ["CPU = the fluentd process's utime+stime from the log's append to the last line delivered (read and flushed for the floors); " \

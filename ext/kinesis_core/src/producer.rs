@@ -777,8 +777,8 @@ impl Producer {
     /// Puts `records` in the destination's calls behind those of earlier deliveries and sends
     /// every call that is full, at most `concurrency` calls at once across all deliveries, each
     /// retried on its own. The last, partial call waits for the next delivery's records (see
-    /// [`Producer::open_call_due`]; not at all with `linger` 0, while draining, or once stopped); this delivery sends
-    /// it then, unless another filled and sent it first. Returns once every record is settled:
+    /// [`Producer::open_call_due`]; not at all with `linger` 0, while draining, or once
+    /// stopped); this delivery sends it then, unless another filled and sent it first. Returns once every record is settled:
     /// delivered, failed, or (in `sink.misrouted`) landed on another shard than predicted.
     async fn send_packed(
         &self,
@@ -872,22 +872,23 @@ impl Producer {
                 return;
             }
             let mut take = None;
-            match pipe.holds(|e| Arc::ptr_eq(&e.sink, sink)) {
-                Some(held) if self.draining() || sink.stop.is_cancelled() => {
+            // When the open call goes is computed on every pass: a delivery that added to the
+            // call since moved it.
+            let open = pipe
+                .holds(|e| Arc::ptr_eq(&e.sink, sink))
+                .map(|held| (self.open_call_due(stream, &held), held));
+            match open {
+                Some((_, held)) if self.draining() || sink.stop.is_cancelled() => {
                     take = Some(held.generation)
                 }
-                // Checked on every pass: a delivery that added to the call since moved it.
-                Some(held) if Instant::now() >= self.open_call_due(stream, &held) => {
-                    take = Some(held.generation)
-                }
-                Some(held) => {
+                Some((due, held)) if Instant::now() >= due => take = Some(held.generation),
+                Some((due, held)) => {
                     let drain = self.drain_started.notified();
                     let wanted = self.open_calls_wanted.notified();
                     // Asked to send open calls, a delivery sends this one only when nothing
                     // else of it is outstanding: one still waiting on calls in flight finishes
                     // without it, and fluentd then hands over the chunk that fills it.
                     let only_the_open_call = sink.outstanding.load(Ordering::SeqCst) == held.mine;
-                    let due = self.open_call_due(stream, &held);
                     tokio::select! {
                         _ = &mut settled => {}
                         _ = taken.next(), if !taken.is_empty() => {}
