@@ -797,6 +797,7 @@ def report_write_path(ctx, series)
     ["total CPU µs per record", 2, proc { |runs| median.(runs, &total) }],
     ["  above floor+buffer (the plugin's own)", 2, own],
     ["write wall s", 2, proc { |runs| median.(runs) { |r| r["write_wall_s"] } }],
+    ["write phase page faults per 100 records", 1, proc { |runs| r0 = runs.first; r0["write_minor_faults"] ? median.(runs) { |r| r["write_minor_faults"] * 100.0 / n } : "-" }],
     ["Ruby objects allocated per record", 1, proc { |runs| median.(runs) { |r| (r["emit_allocated_objects"] + r["write_allocated_objects"]).to_f / n } }],
     ["fluentd write calls (chunks)", 0, proc { |runs| median.(runs) { |r| r["write_count"] } }],
     ["PutRecords calls", 0, proc { |runs| wire.(runs) { figures.(runs, "calls") } }],

@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kinesis_core::kpl::{AggregateBuilder, DEFAULT_MAX_RECORD_BYTES};
+use kinesis_core::kpl::{self, AggregateBuilder, DEFAULT_MAX_RECORD_BYTES};
+use kinesis_core::md5x;
 use md5::{Digest, Md5};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
@@ -118,6 +119,38 @@ impl Workload {
     }
 }
 
+/// The digests of a chunk's aggregates (1 MiB each): the `md-5` crate, AWS-LC one at a time (the
+/// path for a lone aggregate), and `md5_many`'s lanes (a chunk's aggregates together).
+fn md5_paths(total: usize, runs: usize, rng: &mut StdRng) {
+    let mut payload = vec![0u8; total];
+    rng.fill_bytes(&mut payload);
+    let pieces: Vec<&[u8]> = payload.chunks(DEFAULT_MAX_RECORD_BYTES).collect();
+    let mb = |d: Duration| per_second(total, d) / 1e6;
+    let portable = best_of(runs, || {
+        for p in &pieces {
+            black_box(Md5::digest(black_box(p)));
+        }
+    });
+    let one = best_of(runs, || {
+        for p in &pieces {
+            black_box(kpl::md5(black_box(p)));
+        }
+    });
+    let lanes = best_of(runs, || {
+        for group in pieces.chunks(md5x::LANES) {
+            black_box(md5x::md5_many(black_box(group)));
+        }
+    });
+    println!(
+        "md5 of 1 MiB aggregates, MB/s: md-5 crate {:.0}, AWS-LC one at a time {:.0}, md5_many in groups of {} {:.0} ({:.2}x)",
+        mb(portable),
+        mb(one),
+        md5x::LANES,
+        mb(lanes),
+        one.as_secs_f64() / lanes.as_secs_f64()
+    );
+}
+
 fn best_of(runs: usize, mut f: impl FnMut()) -> Duration {
     (0..runs)
         .map(|_| {
@@ -182,6 +215,7 @@ fn main() {
         "{:>7}  {:<20} {:>12} {:>9} {:>9} {:>7} {:>10}",
         "record", "keys", "records/s", "agg MB/s", "md5 MB/s", "ratio", "aggregates"
     );
+    md5_paths(total, runs, &mut rng);
     let mut python_rows = Vec::new();
     for record_bytes in [100, 1024] {
         for keys in [Keys::OnePerAggregate, Keys::PerRecord] {

@@ -6,7 +6,7 @@ use rand::Rng;
 
 use crate::config::KeyMode;
 use crate::hashkey::{partition_key_hash, validate_partition_key};
-use crate::kpl::{looks_aggregated, AggregateBuilder, AGGREGATE_PARTITION_KEY};
+use crate::kpl::{looks_aggregated, seal_all, AggregateBuilder, AGGREGATE_PARTITION_KEY};
 use crate::shard_map::ShardMap;
 
 #[derive(Clone, Copy, Debug)]
@@ -172,6 +172,8 @@ struct Planner<'a> {
     limits: &'a PlanLimits,
     out: Vec<KinesisRecord>,
     refused: Vec<Refused>,
+    /// Aggregates in `out` still without their MD5.
+    unsealed: Vec<usize>,
 }
 
 impl<'a> Planner<'a> {
@@ -199,7 +201,9 @@ impl<'a> Planner<'a> {
             });
             return;
         }
-        let data = open.builder.finish();
+        // Sealed with the plan's other aggregates, in `plan`.
+        let data = open.builder.finish_undigested();
+        self.unsealed.push(self.out.len());
         self.out.push(if per_record_keys {
             KinesisRecord {
                 data,
@@ -278,6 +282,7 @@ pub fn plan(
         limits,
         out: Vec::new(),
         refused: Vec::new(),
+        unsealed: Vec::new(),
     };
     if !limits.aggregate {
         plan_unaggregated(&mut p, indexes, mode);
@@ -288,6 +293,15 @@ pub fn plan(
         KeyMode::Fixed(key) => plan_shared_key(&mut p, indexes, || key.clone()),
         KeyMode::RandomPerAggregate => plan_shared_key(&mut p, indexes, balanced_random_keys(map)),
     }
+    let mut unsealed: Vec<&mut Vec<u8>> = Vec::with_capacity(p.unsealed.len());
+    let mut next = p.unsealed.iter().peekable();
+    for (i, r) in p.out.iter_mut().enumerate() {
+        if next.next_if_eq(&&i).is_some() {
+            unsealed.push(&mut r.data);
+        }
+    }
+    debug_assert_eq!(unsealed.len(), p.unsealed.len());
+    seal_all(&mut unsealed);
     (p.out, p.refused)
 }
 

@@ -321,6 +321,14 @@ impl AggregateBuilder {
     /// An empty aggregate is garbage to some consumers (Python passes its 20 bytes through as
     /// a record): callers never finish an empty builder.
     pub fn finish(&mut self) -> Vec<u8> {
+        let mut out = self.finish_undigested();
+        seal(&mut out);
+        out
+    }
+
+    /// [`AggregateBuilder::finish`] with the last 16 bytes (the MD5) left zero, for [`seal_all`]
+    /// to fill in together with other aggregates'.
+    pub fn finish_undigested(&mut self) -> Vec<u8> {
         debug_assert!(!self.is_empty(), "finishing an empty aggregate");
         let proto_len = self.proto_len();
         let (pk, hk) = (&self.partition_keys.encoded, &self.hash_keys.encoded);
@@ -339,14 +347,41 @@ impl AggregateBuilder {
         out[..MAGIC.len()].copy_from_slice(&MAGIC);
         out[MAGIC.len()..MAGIC.len() + pk.len()].copy_from_slice(pk);
         out[MAGIC.len() + pk.len()..head].copy_from_slice(hk);
-        let digest = md5(&out[MAGIC.len()..]);
-        out.extend_from_slice(&digest);
+        out.extend_from_slice(&[0; DIGEST_LEN]);
         if out.capacity() - out.len() > UNUSED_KEPT {
             out.shrink_to_fit();
         }
         debug_assert_eq!(out.len(), FRAME_OVERHEAD + proto_len);
         self.clear();
         out
+    }
+}
+
+/// The protobuf of a finished aggregate: what its MD5 covers.
+fn digested(aggregate: &[u8]) -> &[u8] {
+    &aggregate[MAGIC.len()..aggregate.len() - DIGEST_LEN]
+}
+
+/// Writes the MD5 into the last 16 bytes of an aggregate from
+/// [`AggregateBuilder::finish_undigested`].
+pub fn seal(aggregate: &mut [u8]) {
+    let digest = md5(digested(aggregate));
+    let n = aggregate.len();
+    aggregate[n - DIGEST_LEN..].copy_from_slice(&digest);
+}
+
+/// [`seal`] for several aggregates, their MD5s computed together ([`crate::md5x::md5_many`]):
+/// a chunk's aggregates are sealed at once.
+pub fn seal_all(aggregates: &mut [&mut Vec<u8>]) {
+    for group in aggregates.chunks_mut(crate::md5x::LANES) {
+        let digests = {
+            let messages: Vec<&[u8]> = group.iter().map(|a| digested(a)).collect();
+            crate::md5x::md5_many(&messages)
+        };
+        for (a, d) in group.iter_mut().zip(digests) {
+            let n = a.len();
+            a[n - DIGEST_LEN..].copy_from_slice(&d);
+        }
     }
 }
 

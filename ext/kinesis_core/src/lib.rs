@@ -10,6 +10,7 @@ pub mod delivery;
 pub mod error;
 pub mod hashkey;
 pub mod kpl;
+pub mod md5x;
 pub mod metrics;
 pub mod msgpack;
 pub mod msgpack_write;

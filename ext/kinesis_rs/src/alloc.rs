@@ -10,10 +10,15 @@
 //! flight: in the bench's real-fluentd run, peak RSS fell from 147.1 to 110.6 MiB, at the same
 //! CPU per record.
 //!
-//! Pages of a fresh mapping are faulted in and zeroed by the kernel when first written, which
-//! costs CPU (about 0.2 µs per record in the write path bench), but a buffer reserved larger than
-//! it ends up (a 1 MiB aggregate that closes early, the formatted records' estimate) costs no
-//! memory for the part never written. Two ways of saving that CPU were measured and dropped for
+//! Pages of a fresh mapping are faulted in and zeroed by the kernel when first written, and freed
+//! when it is unmapped: about 1.4 µs of CPU per 4 KiB page on the 2-core bench VM. The write
+//! path bench's write phase faults about 0.17 pages per record, and a third of its CPU samples
+//! are the kernel's. But a buffer reserved larger than it ends up (a 1 MiB aggregate that closes
+//! early, the formatted records' estimate) costs no memory for the part never written.
+//! Transparent huge pages would make faulting a tenth as costly (0.024 against 0.39 ns per byte
+//! written, measured), but Ruby turns them off for its whole process (`PR_SET_THP_DISABLE` in
+//! `ruby_setup`), and `MADV_HUGEPAGE` on a mapping does not override that (the bench process
+//! got no huge page with it). Two ways of saving that CPU were measured and dropped for
 //! the memory they cost in the real-fluentd bench (peak RSS, 3 rounds each; fluent-plugin-kinesis
 //! 114.8 to 120.4 in the same runs): keeping up to 12 MiB of freed mappings for reuse (median
 //! 125.1 MiB against 112.9 without; a kept block is resident in full, whatever its next use
