@@ -75,6 +75,10 @@
 #   WRITE_PATH_RECORDS  events per write_path run (default 100000)
 #   SHARD_COUNTS        shard counts of the shards part (default 2,8,32)
 #   SHARD_SECONDS       seconds each shards run should take at N MiB/s (default 25)
+#   SHARD_LINE_BYTES    length of the shards part's log lines, their user agent padded to it
+#                       (default: the usual lines, about 175 bytes). fluentd reads, parses and
+#                       buffers each line in Ruby, under its lock, whatever the output: at 32
+#                       MiB/s of 175-byte lines that is about 190,000 lines/s
 #   STEADY_RATE         lines per second of the steady part (default 15000, about 3 MB/s of log)
 #   STEADY_SECONDS      seconds the steady part appends them for (default 30)
 #   OUTAGE_SECONDS      length of the outage (default 300; 0 skips the outage part)
@@ -124,6 +128,7 @@ module Bench
   WRITE_PATH_RECORDS = Integer(ENV.fetch("WRITE_PATH_RECORDS", "100000"))
   SHARD_COUNTS = ENV.fetch("SHARD_COUNTS", "2,8,32").split(",").map { |n| Integer(n) }
   SHARD_SECONDS = Float(ENV.fetch("SHARD_SECONDS", "25"))
+  SHARD_LINE_BYTES = ENV["SHARD_LINE_BYTES"]&.then { |n| Integer(n) }
   STEADY_RATE = Integer(ENV.fetch("STEADY_RATE", "15000"))
   STEADY_SECONDS = Integer(ENV.fetch("STEADY_SECONDS", "30"))
   OUTAGE_SECONDS = Integer(ENV.fetch("OUTAGE_SECONDS", "300"))
@@ -844,12 +849,12 @@ end
 
 # Writes a log of as many lines as the largest of `counts` to `path`, in slices; returns
 # {count => bytes of its first `count` lines}.
-def write_log_file(path, counts)
+def write_log_file(path, counts, **fields)
   offsets = {}
   File.open(path, "wb") do |f|
     from = 0
     counts.uniq.sort.each do |upto|
-      (from...upto).each_slice(100_000) { |slice| f.write(ApacheLog.text(slice.first..slice.last)) }
+      (from...upto).each_slice(100_000) { |slice| f.write(ApacheLog.text(slice.first..slice.last, **fields)) }
       offsets[upto] = f.pos
       from = upto
     end
@@ -857,13 +862,23 @@ def write_log_file(path, counts)
   offsets
 end
 
+# The shards part's line fields: with SHARD_LINE_BYTES, a user agent that pads lines to it.
+def shard_line_fields
+  return {} unless Bench::SHARD_LINE_BYTES
+
+  pad = [Bench::SHARD_LINE_BYTES - ApacheLog.text(1000).bytesize / 1000, 0].max
+  { agent: ->(i) { "#{ApacheLog::AGENTS[i % ApacheLog::AGENTS.size]} #{"x" * pad}" } }
+end
+
 def shards_part(ctx)
-  line_bytes = ApacheLog.text(1000).bytesize / 1000.0
+  fields = shard_line_fields
+  line_bytes = ApacheLog.text(1000, **fields).bytesize / 1000.0
   lines_for = Bench::SHARD_COUNTS.to_h { |n| [n, (Bench::SHARD_SECONDS * n * Bench::MIB / (line_bytes * Bench::KINESIS_BYTES_PER_LOG_BYTE)).ceil] }
   dir = Dir.mktmpdir("bench-shards-log")
   source = File.join(dir, "access.log")
-  puts "bench: shards part: writing a log of #{Bench.fmt(lines_for.values.max)} lines for #{lines_for.map { |n, l| "#{n} shards #{Bench.fmt(l)}" }.join(", ")}..."
-  offsets = write_log_file(source, lines_for.values)
+  puts "bench: shards part: writing a log of #{Bench.fmt(lines_for.values.max)} lines (#{Bench.fmt(line_bytes, 0)} bytes a line) for " \
+       "#{lines_for.map { |n, l| "#{n} shards #{Bench.fmt(l)}" }.join(", ")}..."
+  offsets = write_log_file(source, lines_for.values, **fields)
   results = lines_for.to_h do |shards, lines|
     r = BenchKinesis.open(fault: true) do |bk|
       bk.fault.shard_limit(Bench::MIB, 1000)
