@@ -28,7 +28,7 @@ use crate::hashkey::partition_key_hash;
 use crate::metrics::{Metrics, Name, Observations, Stats};
 use crate::pipe::{CallLimits, Held, Pipe};
 use crate::rate_limit::ShardRateLimiter;
-use crate::request_body::{self, SpareBody};
+use crate::request_body;
 use crate::shard_map::{Shard, ShardMap};
 
 /// What became of one user record.
@@ -238,8 +238,6 @@ pub struct Producer {
     drain_started: Notify,
     /// Wakes deliveries to send their open calls now ([`Producer::send_open_calls`]).
     open_calls_wanted: Notify,
-    /// The last batch call's body buffer, for the next call to write into.
-    spare_body: SpareBody,
 }
 
 /// Called with the user records (batch indexes) each PutRecords response confirmed, as soon as
@@ -298,13 +296,7 @@ impl Producer {
             call_slots: Semaphore::new(slots),
             drain_started: Notify::new(),
             open_calls_wanted: Notify::new(),
-            spare_body: SpareBody::default(),
         }
-    }
-
-    /// Request body buffers kept for the next calls ([`SpareBody`]).
-    pub fn spare_body_buffers(&self) -> usize {
-        self.spare_body.len()
     }
 
     /// Shutdown: from now until `budget` has passed, deliveries (those running and those started
@@ -930,7 +922,6 @@ impl Producer {
     ) -> Result<Vec<EntryAnswer>, Failure> {
         if let Some(firehose) = &self.firehose {
             let body = request_body::put_record_batch(
-                self.spare_body.take(),
                 stream,
                 todo.iter().map(|&e| records[e].record.data.as_slice()),
             );
@@ -940,31 +931,25 @@ impl Producer {
                 .delivery_stream_name(stream)
                 .set_records(Some(Vec::new()))
                 .customize()
-                .mutate_request(with_body(body.clone()))
+                .mutate_request(with_body(body))
                 .send()
-                .await;
-            self.spare_body.put_back(body);
-            let resp = resp.map_err(|e| classify_sdk_error_for(Service::Firehose, &e))?;
+                .await
+                .map_err(|e| classify_sdk_error_for(Service::Firehose, &e))?;
             return Ok(answers(Service::Firehose, resp.request_responses(), |r| {
                 (r.error_code(), r.error_message(), None)
             }));
         }
-        let body = request_body::put_records(
-            self.spare_body.take(),
-            stream,
-            todo.iter().map(|&e| &records[e].record),
-        );
+        let body = request_body::put_records(stream, todo.iter().map(|&e| &records[e].record));
         let resp = self
             .client
             .put_records()
             .stream_name(stream)
             .set_records(Some(Vec::new()))
             .customize()
-            .mutate_request(with_body(body.clone()))
+            .mutate_request(with_body(body))
             .send()
-            .await;
-        self.spare_body.put_back(body);
-        let resp = resp.map_err(|e| classify_sdk_error(&e))?;
+            .await
+            .map_err(|e| classify_sdk_error(&e))?;
         Ok(answers(Service::Kinesis, resp.records(), |r| {
             (r.error_code(), r.error_message(), r.shard_id())
         }))

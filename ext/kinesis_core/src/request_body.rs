@@ -11,13 +11,6 @@
 //!
 //! The JSON is what the SDK writes (awsJson1.1): `Data` in standard base64 with padding, the
 //! strings escaped, `ExplicitHashKey` as a decimal string.
-//!
-//! The buffer is the last call's, when it came back ([`SpareBody`]): a full call's body is about
-//! 7 MiB, and writing a fresh one costs the kernel a page fault, a zeroed page and, when it is
-//! freed, the unmapping, for every 4 KiB: about 1.4 µs a page on the bench machine, a tenth of a
-//! microsecond per 250-byte record.
-
-use std::sync::Mutex;
 
 use bytes::Bytes;
 
@@ -33,57 +26,12 @@ fn base64_len(n: usize) -> usize {
 /// grows (once) only for keys with characters to escape.
 const RECORD_OVERHEAD: usize = r#"{"Data":"","PartitionKey":"","ExplicitHashKey":""},"#.len() + 39;
 
-/// Request body buffers, kept from calls for the next ones. Bodies are written in full, so a
-/// kept buffer's pages are all in use again by the next full call; at most [`SpareBody::KEEP`]
-/// are kept, so what stays resident between calls is bounded (5 MiB of data in base64 each).
-#[derive(Default)]
-pub struct SpareBody(Mutex<Vec<Vec<u8>>>);
-
-impl SpareBody {
-    pub const KEEP: usize = 1;
-
-    /// A kept buffer (empty), or a new one.
-    pub fn take(&self) -> Vec<u8> {
-        let mut v = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
-        v.clear();
-        v
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Keeps a sent body's buffer for a later call, if nothing else holds the body any more and
-    /// fewer than [`SpareBody::KEEP`] are kept.
-    pub fn put_back(&self, body: Bytes) {
-        let Ok(body) = body.try_into_mut() else {
-            return;
-        };
-        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.len() < Self::KEEP {
-            kept.push(body.into());
-        }
-    }
-}
-
-/// The body of a PutRecords call carrying `records` to `stream`, written into `out` (see
-/// [`SpareBody`]).
+/// The body of a PutRecords call carrying `records` to `stream`.
 pub fn put_records<'a>(
-    out: Vec<u8>,
     stream: &str,
     records: impl Iterator<Item = &'a KinesisRecord> + Clone,
 ) -> Bytes {
     batch_body(
-        out,
         "StreamName",
         stream,
         records,
@@ -103,15 +51,12 @@ pub fn put_records<'a>(
     )
 }
 
-/// The body of a PutRecordBatch call carrying the data of `records` to `delivery_stream`,
-/// written into `out` (see [`SpareBody`]).
+/// The body of a PutRecordBatch call carrying the data of `records` to `delivery_stream`.
 pub fn put_record_batch<'a>(
-    out: Vec<u8>,
     delivery_stream: &str,
     records: impl Iterator<Item = &'a [u8]> + Clone,
 ) -> Bytes {
     batch_body(
-        out,
         "DeliveryStreamName",
         delivery_stream,
         records,
@@ -124,10 +69,9 @@ pub fn put_record_batch<'a>(
     )
 }
 
-/// `{"<name_key>":"<name>","Records":[...]}` with each record written by `write`, into `out`
-/// (emptied) grown to the size `room` says the records need.
+/// `{"<name_key>":"<name>","Records":[...]}` with each record written by `write`, in a buffer
+/// of the size `room` says the records need.
 fn batch_body<I: Iterator + Clone>(
-    mut out: Vec<u8>,
     name_key: &str,
     name: &str,
     records: I,
@@ -136,8 +80,7 @@ fn batch_body<I: Iterator + Clone>(
 ) -> Bytes {
     let capacity =
         records.clone().map(|r| room(&r)).sum::<usize>() + name_key.len() + name.len() + 24;
-    out.clear();
-    out.reserve_exact(capacity);
+    let mut out = Vec::with_capacity(capacity);
     out.push(b'{');
     json_string(&mut out, name_key);
     out.push(b':');
@@ -186,7 +129,7 @@ mod tests {
             record(&vec![7u8; 1000], "plain", Some(0)),
             record(b"ab", "x", None),
         ];
-        let body = put_records(Vec::new(), "my \"stream\"", records.iter());
+        let body = put_records("my \"stream\"", records.iter());
         assert!(
             body.len()
                 <= records
@@ -213,7 +156,7 @@ mod tests {
     #[test]
     fn put_record_batch_body_is_the_json_the_service_reads() {
         let data: [&[u8]; 3] = [b"line\n", &[0xff; 4], b""];
-        let body = put_record_batch(Vec::new(), "delivery", data.iter().copied());
+        let body = put_record_batch("delivery", data.iter().copied());
         let v: Value = serde_json::from_slice(&body).expect("valid JSON");
         assert_eq!(v["DeliveryStreamName"], "delivery");
         let got = v["Records"].as_array().unwrap();
@@ -225,46 +168,8 @@ mod tests {
     }
 
     #[test]
-    fn a_sent_body_buffer_is_reused_once_nothing_else_holds_it() {
-        let spare = SpareBody::default();
-        let records = [
-            record(&vec![1u8; 4000], "k", None),
-            record(b"x", "j", Some(5)),
-        ];
-        let first = put_records(spare.take(), "s", records.iter());
-        let clone = first.clone();
-        // Still held (by the request, say): not kept.
-        spare.put_back(first.clone());
-        assert_eq!(spare.take().capacity(), 0);
-        drop(clone);
-        let (ptr, len) = (first.as_ptr(), first.len());
-        spare.put_back(first);
-        // Kept: the next body is written over it, from the start, and is the same JSON as one
-        // written into a fresh buffer, even with less data than the buffer held.
-        let again = put_records(spare.take(), "s", records[1..].iter());
-        assert_eq!(again.as_ptr(), ptr);
-        assert!(again.len() < len);
-        assert_eq!(again, put_records(Vec::new(), "s", records[1..].iter()));
-        // KEEP buffers at most: more given back are dropped.
-        let mut kept = vec![again.as_ptr()];
-        spare.put_back(again);
-        for _ in 0..SpareBody::KEEP {
-            let b = put_records(Vec::new(), "s", records.iter());
-            kept.push(b.as_ptr());
-            spare.put_back(b);
-        }
-        kept.truncate(SpareBody::KEEP);
-        let taken: Vec<Vec<u8>> = (0..SpareBody::KEEP).map(|_| spare.take()).collect();
-        let mut taken: Vec<_> = taken.iter().map(|v| v.as_ptr()).collect();
-        taken.sort();
-        kept.sort();
-        assert_eq!(taken, kept);
-        assert_eq!(spare.take().capacity(), 0);
-    }
-
-    #[test]
     fn empty_calls_are_well_formed() {
-        let v: Value = serde_json::from_slice(&put_records(Vec::new(), "s", [].iter())).unwrap();
+        let v: Value = serde_json::from_slice(&put_records("s", [].iter())).unwrap();
         assert_eq!(v["Records"].as_array().unwrap().len(), 0);
     }
 }

@@ -779,23 +779,6 @@ async fn every_put_records_signature_covers_the_body_sent() {
             .put(&stream, &b, &all(b.len()), &go(), &|_| {})
             .await,
     );
-    // The sent body's buffer came back (nothing in the SDK kept the body), and the next call
-    // writes a shorter body over it: what is signed and sent is that body alone.
-    assert_eq!(producer.spare_body_buffers(), 1);
-    let short = distinct(30, "after a longer body");
-    assert_all_delivered(
-        &producer
-            .put(&stream, &short, &all(short.len()), &go(), &|_| {})
-            .await,
-    );
-    assert_eq!(producer.spare_body_buffers(), 1);
-    let mut both = RecordBatch::default();
-    for batch in [&b, &short] {
-        for i in 0..batch.len() {
-            both.push(batch.data(i), None, None);
-        }
-    }
-    assert_each_once(&both, &kcl_view(&k.endpoint(), &stream).await);
 
     let mut cfg = config(&proxy.endpoint(), KeyMode::PerRecord);
     cfg.destination = Destination::Streams { aggregate: false };
@@ -812,7 +795,7 @@ async fn every_put_records_signature_covers_the_body_sent() {
             .await,
     );
     let s = proxy.stats();
-    assert!(s.signatures_valid >= 3, "{s:?}");
+    assert!(s.signatures_valid >= 2, "{s:?}");
     assert_eq!(s.signatures_invalid, 0, "{s:?}");
 
     // The check itself fails a signature made with another secret.

@@ -12,7 +12,7 @@
 //!
 //! Pages of a fresh mapping are faulted in and zeroed by the kernel when first written, and freed
 //! when it is unmapped: about 1.4 µs of CPU per 4 KiB page on the 2-core bench VM. The write
-//! path bench's write phase faults about 0.17 pages per record, and a third of its CPU samples
+//! path bench's write phase faults about 0.19 pages per record, and a third of its CPU samples
 //! are the kernel's. But a buffer reserved larger than it ends up (a 1 MiB aggregate that closes
 //! early, the formatted records' estimate) costs no memory for the part never written.
 //! Transparent huge pages would make faulting a tenth as costly (0.024 against 0.39 ns per byte
