@@ -362,12 +362,17 @@ fn digested(aggregate: &[u8]) -> &[u8] {
     &aggregate[MAGIC.len()..aggregate.len() - DIGEST_LEN]
 }
 
-/// Writes the MD5 into the last 16 bytes of an aggregate from
+/// Writes `digest` into the last 16 bytes of an aggregate from
 /// [`AggregateBuilder::finish_undigested`].
-pub fn seal(aggregate: &mut [u8]) {
-    let digest = md5(digested(aggregate));
+fn put_digest(aggregate: &mut [u8], digest: &[u8; DIGEST_LEN]) {
     let n = aggregate.len();
-    aggregate[n - DIGEST_LEN..].copy_from_slice(&digest);
+    aggregate[n - DIGEST_LEN..].copy_from_slice(digest);
+}
+
+/// Fills in the MD5 of an aggregate from [`AggregateBuilder::finish_undigested`].
+fn seal(aggregate: &mut [u8]) {
+    let digest = md5(digested(aggregate));
+    put_digest(aggregate, &digest);
 }
 
 /// [`seal`] for several aggregates, their MD5s computed together ([`crate::md5x::md5_many`]):
@@ -378,9 +383,8 @@ pub fn seal_all(aggregates: &mut [&mut Vec<u8>]) {
             let messages: Vec<&[u8]> = group.iter().map(|a| digested(a)).collect();
             crate::md5x::md5_many(&messages)
         };
-        for (a, d) in group.iter_mut().zip(digests) {
-            let n = a.len();
-            a[n - DIGEST_LEN..].copy_from_slice(&d);
+        for (a, d) in group.iter_mut().zip(&digests) {
+            put_digest(a, d);
         }
     }
 }

@@ -152,6 +152,11 @@ mod avx2 {
         v: [__m256i; 4],
     }
 
+    /// Lane `l`'s a, b, c, d out of every lane's state words.
+    fn lane_state(words: &[[u32; LANES]; 4], l: usize) -> [u32; 4] {
+        [words[0][l], words[1][l], words[2][l], words[3][l]]
+    }
+
     impl State {
         #[inline(always)]
         unsafe fn lanes(&self) -> [[u32; LANES]; 4] {
@@ -206,7 +211,7 @@ mod avx2 {
                 for (l, lane) in lanes.iter().enumerate() {
                     if let Some(lane) = lane {
                         let m = &prepared[lane.message];
-                        let mut s = [words[0][l], words[1][l], words[2][l], words[3][l]];
+                        let mut s = lane_state(&words, l);
                         for b in lane.block..m.blocks {
                             compress(&mut s, m.block(b));
                         }
@@ -232,8 +237,7 @@ mod avx2 {
                 for (l, slot) in lanes.iter_mut().enumerate() {
                     if let Some(lane) = slot {
                         if lane.block == prepared[lane.message].blocks {
-                            out[lane.message] =
-                                digest_of([words[0][l], words[1][l], words[2][l], words[3][l]]);
+                            out[lane.message] = digest_of(lane_state(&words, l));
                             *slot = None;
                         }
                     }

@@ -778,8 +778,9 @@ impl Producer {
     /// every call that is full, at most `concurrency` calls at once across all deliveries, each
     /// retried on its own. The last, partial call waits for the next delivery's records (see
     /// [`Producer::open_call_due`]; not at all with `linger` 0, while draining, or once
-    /// stopped); this delivery sends it then, unless another filled and sent it first. Returns once every record is settled:
-    /// delivered, failed, or (in `sink.misrouted`) landed on another shard than predicted.
+    /// stopped); this delivery sends it then, unless another filled and sent it first. Returns
+    /// once every record is settled: delivered, failed, or (in `sink.misrouted`) landed on
+    /// another shard than predicted.
     async fn send_packed(
         &self,
         stream: &str,
